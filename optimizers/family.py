@@ -1,0 +1,268 @@
+"""``Family``: a parameterized optimizer declared once from an expression and its coefficients.
+
+A family is the pair of pure functions of optax style,
+
+    init_state(x)                         -> state
+    update(g, state, x, h, t)             -> (direction, new_state)
+
+with every hyperparameter in ``h`` (a dict of 0-D tensors or floats) passed explicitly, so that
+``torch.func.vjp(lambda h: family.update(g, s, x, h, t)[0], h)`` *is* the one-step
+hypergradient. The parameter update applied by the optimizers is
+
+    x_t = x_{t-1} (1 - lr * wd) - lr * direction        (decoupled weight decay), or
+    x_t = x_{t-1} - lr * direction(g + wd * x_{t-1})     (L2 weight decay), or
+    x_t = (x_{t-1} - lr * direction) / (1 + lr * wd)     (proximal, Adan's default),
+
+and the family records which one its reference implementation uses.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from . import expr as E
+from .domains import Coefficient, Simplex
+
+__all__ = ["Family", "WEIGHT_DECAY_MODES"]
+
+WEIGHT_DECAY_MODES = ("decoupled", "l2", "proximal")
+
+_PY_OPS = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "div": operator.truediv,
+    "neg": operator.neg,
+    "pow": operator.pow,
+}
+
+
+# torch functions that need tensor arguments (a coefficient may arrive as a Python float)
+_TENSOR_ONLY = frozenset({"maximum", "sqrt", "sign", "square", "abs"})
+
+
+class Family:
+    """A parameterized optimizer: coefficients, buffers and an update direction.
+
+    Args:
+        name: identifier used in registries, errors and checkpoints.
+        coefficients: the declared hyperparameters (every ``Coef`` in ``direction`` must be one).
+        direction: the expression ``d_t`` with ``x_t = x_{t-1} - lr * d_t``.
+        vertices: named points of the family, ``{"adam": {"beta3": 0, "c": 1, ...}}``.
+        weight_decay_mode: default weight-decay convention, one of ``WEIGHT_DECAY_MODES``.
+        doc: the equations, for documentation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        coefficients: Sequence[Coefficient],
+        direction,
+        *,
+        vertices: Optional[Mapping[str, Mapping[str, object]]] = None,
+        weight_decay_mode: str = "decoupled",
+        fixed: Optional[Mapping[str, object]] = None,
+        doc: str = "",
+    ):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Family name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.doc = doc
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+        self.weight_decay_mode = weight_decay_mode
+        self.direction = E.as_expr(direction)
+        self.fixed = dict(fixed or {})
+        declared: Dict[str, Coefficient] = {}
+        for c in coefficients:
+            if not isinstance(c, Coefficient):
+                raise TypeError(f"coefficients must be Coefficient declarations, got {c!r}")
+            if c.name in declared:
+                raise ValueError(f"coefficient {c.name!r} declared twice in family {name!r}")
+            declared[c.name] = c
+
+        nodes = E.walk([self.direction])
+        used = []
+        states = []
+        self.uses_param = False
+        for node in nodes:
+            if isinstance(node, E.Coef):
+                if node.name not in declared:
+                    raise ValueError(
+                        f"family {name!r} uses coefficient {node.name!r} but declares only {sorted(declared)}")
+                if (node.index is not None) != isinstance(declared[node.name].domain, Simplex):
+                    raise ValueError(f"coefficient {node.name!r}: index a Simplex coefficient (and only those)")
+                if node.name not in used:
+                    used.append(node.name)
+            elif isinstance(node, E.State):
+                if node.definition is None:
+                    raise ValueError(f"family {name!r}: state {node.name!r} is used but never defined")
+                if any(s.name == node.name and s is not node for s in states):
+                    raise ValueError(f"family {name!r}: two different states are named {node.name!r}")
+                if node not in states:
+                    states.append(node)
+            elif isinstance(node, E.Input) and node.kind == "param":
+                self.uses_param = True
+        # A declared coefficient that the expression no longer reads (e.g. Lion's betas at
+        # gamma = 1) is dropped, so passing it to the optimizer is an error rather than a no-op.
+        self.coefficients: Dict[str, Coefficient] = {n: declared[n] for n in declared if n in used}
+        # A state whose previous value is never read (e.g. SGD's buffer at momentum 0) is a named
+        # intermediate, not a buffer: it is computed each step but not stored.
+        carried = {n.state.uid for n in nodes if isinstance(n, E.Prev)}
+        self.states: Tuple[E.State, ...] = tuple(s for s in states if s.uid in carried)
+        self._check_acyclic()
+        self.vertices: Dict[str, Dict[str, object]] = {}
+        for vname, point in (vertices or {}).items():
+            unknown = set(point) - set(declared)
+            if unknown:
+                raise ValueError(f"vertex {vname!r} of {name!r} fixes unknown coefficients {sorted(unknown)}")
+            for k, v in point.items():
+                declared[k].validate(v, what=f"vertex {vname!r} coefficient {k!r}")
+            self.vertices[vname] = dict(point)
+        self._declared = declared
+
+    # ------------------------------------------------------------------ structure
+    def _check_acyclic(self):
+        """A state's new value may read other states' new values, but not in a cycle."""
+        deps = {}
+        for s in self.states:
+            # only references to another state's *new* value order the computation; Prev does not
+            deps[s.name] = {n.name for n in _new_value_refs(s.definition)}
+        visiting, done = set(), set()
+
+        def visit(n, path):
+            if n in done:
+                return
+            if n in visiting:
+                raise ValueError(f"family {self.name!r}: states depend on each other's new values in a cycle: "
+                                 + " -> ".join(path + [n]))
+            visiting.add(n)
+            for m in deps.get(n, ()):
+                visit(m, path + [n])
+            visiting.discard(n)
+            done.add(n)
+
+        for n in deps:
+            visit(n, [])
+
+    @property
+    def state_names(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.states)
+
+    @property
+    def learnable(self) -> Tuple[str, ...]:
+        """Names of the coefficients learned by default."""
+        return tuple(n for n, c in self.coefficients.items() if c.learnable)
+
+    def defaults(self) -> Dict[str, object]:
+        return {n: c.init for n, c in self.coefficients.items()}
+
+    def __repr__(self):
+        return (f"Family({self.name!r}, coefficients={list(self.coefficients)}, states={list(self.state_names)}"
+                + (f", fixed={self.fixed}" if self.fixed else "") + ")")
+
+    # ------------------------------------------------------------------ vertices / restriction
+    def at(self, name: Optional[str] = None, **constants) -> "Family":
+        """The sub-family with ``constants`` substituted for coefficients (pruned and simplified)."""
+        for k, v in constants.items():
+            if k not in self._declared:
+                raise ValueError(f"{self.name!r} has no coefficient {k!r}; coefficients: {sorted(self._declared)}")
+            self._declared[k].validate(v, what=f"coefficient {k!r}")
+        (direction,) = E.substitute([self.direction], constants)
+        remaining = [c for n, c in self._declared.items() if n not in constants]
+        vertices = {v: {k: x for k, x in p.items() if k not in constants}
+                    for v, p in self.vertices.items()
+                    if all(p.get(k, constants[k]) == constants[k] for k in constants)}
+        return Family(
+            name or f"{self.name}@" + ",".join(f"{k}={v}" for k, v in constants.items()),
+            remaining, direction, vertices=vertices,
+            weight_decay_mode=self.weight_decay_mode,
+            fixed={**self.fixed, **constants}, doc=self.doc,
+        )
+
+    def vertex(self, name: str) -> "Family":
+        """The named vertex, e.g. ``MADA.vertex("adam")``; its unused branches and buffers are pruned."""
+        if name not in self.vertices:
+            raise ValueError(f"unknown vertex {name!r} of family {self.name!r}; allowed: {sorted(self.vertices)}")
+        return self.at(name, **self.vertices[name])
+
+    def with_weight_decay(self, mode: str, name: Optional[str] = None) -> "Family":
+        """The same rule with another weight-decay convention (Adam -> AdamW)."""
+        return Family(name or self.name, list(self._declared.values()), self.direction, vertices=self.vertices,
+                      weight_decay_mode=mode, fixed=self.fixed, doc=self.doc)
+
+    # ------------------------------------------------------------------ the pure functions
+    def init_state(self, like: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Fresh buffers: parameter-shaped (or 0-D for scalar states), filled with each state's init."""
+        out = {}
+        for s in self.states:
+            if s.scalar:
+                out[s.name] = torch.full((), s.init, dtype=like.dtype, device=like.device)
+            else:
+                out[s.name] = torch.full_like(like, s.init, memory_format=torch.contiguous_format)
+        return out
+
+    def update(self, grad: torch.Tensor, state: Mapping[str, torch.Tensor], param: Optional[torch.Tensor],
+               h: Mapping[str, object], t) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One step of the rule: returns the direction ``d_t`` and the new buffers (inputs untouched).
+
+        ``t`` is the 1-based step count, a 0-D tensor (or a number) in a floating dtype.
+        """
+        values: Dict[int, object] = {}
+
+        def ev(node):
+            v = values.get(node.uid)
+            if v is not None:
+                return v
+            if isinstance(node, E.Const):
+                v = node.value
+            elif isinstance(node, E.Input):
+                v = grad if node.kind == "grad" else t if node.kind == "step" else param
+                if v is None:
+                    raise ValueError(f"family {self.name!r} reads the parameter but none was given")
+            elif isinstance(node, E.Coef):
+                try:
+                    v = h[node.name]
+                except KeyError:
+                    raise KeyError(f"family {self.name!r} needs coefficient {node.name!r}; got {sorted(h)}") from None
+                if node.index is not None:
+                    v = v[node.index]
+            elif isinstance(node, E.Prev):
+                v = state[node.state.name]
+            elif isinstance(node, E.State):
+                v = ev(node.definition)
+            else:
+                args = [ev(a) for a in node.args]
+                fn = _PY_OPS.get(node.op)
+                if fn is not None:
+                    v = fn(*args)
+                elif node.op in _TENSOR_ONLY:
+                    v = E.OPS[node.op](*[a if isinstance(a, torch.Tensor)
+                                         else torch.as_tensor(a, dtype=grad.dtype, device=grad.device) for a in args])
+                else:
+                    v = E.OPS[node.op](*args)
+            values[node.uid] = v
+            return v
+
+        direction = ev(self.direction)
+        new_state = {s.name: ev(s) for s in self.states}
+        return direction, new_state
+
+
+def _new_value_refs(expr) -> Iterable[E.State]:
+    """States referenced by their new value in ``expr`` (not through ``Prev``), not looking inside them."""
+    seen, out, stack = set(), [], [expr]
+    while stack:
+        node = stack.pop()
+        if node.uid in seen:
+            continue
+        seen.add(node.uid)
+        if isinstance(node, E.State):
+            out.append(node)
+            continue
+        if isinstance(node, E.Prev):
+            continue
+        stack.extend(node.children())
+    return out
