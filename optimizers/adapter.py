@@ -24,12 +24,17 @@ from torch import Tensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .rules import get_rule
 
-__all__ = ["RuleOptimizer", "build_optimizer", "apply_update", "flatten", "unflatten_like"]
+__all__ = ["RuleOptimizer", "build_optimizer", "apply_update", "displacement", "needs_param", "flatten",
+           "unflatten_like"]
 
 
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """One contiguous 1-D tensor holding ``tensors`` back to back (a view when there is only one)."""
-    if len(tensors) == 1:
+def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
+    """One contiguous 1-D tensor holding ``tensors`` back to back.
+
+    A single contiguous tensor comes back as a view unless ``copy``: the hyper-gradient engine
+    keeps the flat tensors as vjp residuals, so they must not alias parameters updated in place.
+    """
+    if len(tensors) == 1 and not copy:
         return tensors[0].reshape(-1)
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -38,6 +43,37 @@ def unflatten_like(flat: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
     """Views of ``flat`` shaped like each tensor of ``like``."""
     chunks = torch.split(flat, [t.numel() for t in like])
     return [c.view(t.shape) for c, t in zip(chunks, like)]
+
+
+def displacement(family: Family, flat_g: Tensor, state: Mapping[str, Tensor], flat_x: Optional[Tensor],
+                 h: Mapping[str, object], t, weight_decay_mode: str):
+    """The pure update of one bucket: ``(x_t - x_{t-1}, new_state)`` for flat tensors.
+
+    ``h`` holds the family's coefficients plus ``"lr"`` and ``"weight_decay"``; every entry may be a
+    0-D tensor that ``torch.func`` differentiates. ``flat_x`` may be ``None`` when neither the rule
+    nor the weight decay reads it. Implements (see ``Family``)::
+
+        decoupled:  x_t - x = -lr (d(g) + wd x)
+        l2:         x_t - x = -lr d(g + wd x)
+        proximal:   x_t - x = (x - lr d(g)) / (1 + lr wd) - x
+    """
+    lr, wd = h["lr"], h["weight_decay"]
+    decay = not (isinstance(wd, (int, float)) and wd == 0)
+    if decay and weight_decay_mode == "l2":
+        flat_g = flat_g + wd * flat_x
+    direction, new_state = family.update(flat_g, state, flat_x, h, t)
+    if decay and weight_decay_mode == "decoupled":
+        delta = -lr * (direction + wd * flat_x)
+    elif decay and weight_decay_mode == "proximal":
+        delta = (flat_x - lr * direction) / (1 + lr * wd) - flat_x
+    else:
+        delta = -lr * direction
+    return delta, new_state
+
+
+def needs_param(family: Family, weight_decay, weight_decay_mode: str) -> bool:
+    """Whether ``displacement`` reads the flat parameters."""
+    return family.uses_param or not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
 
 def apply_update(
@@ -54,22 +90,15 @@ def apply_update(
     """One in-place step of ``family`` on a bucket of parameters; returns the new flat buffers.
 
     ``state`` holds flat buffers (1-D, total numel of ``params``; 0-D for scalar states), ``h`` the
-    coefficients, ``t`` the 1-based step count. Implements (see ``Family``)::
-
-        decoupled:  x <- x (1 - lr wd) - lr d(g)
-        l2:         x <- x - lr d(g + wd x)
-        proximal:   x <- (x - lr d(g)) / (1 + lr wd)
+    coefficients, ``t`` the 1-based step count. The update is ``displacement``'s.
     """
-    flat_g = flatten(grads)
-    flat_x = flatten(params) if (family.uses_param or (weight_decay != 0 and weight_decay_mode == "l2")) else None
-    if weight_decay != 0 and weight_decay_mode == "l2":
-        flat_g = flat_g + weight_decay * flat_x
-    direction, new_state = family.update(flat_g, state, flat_x, h, t)
-    if weight_decay != 0 and weight_decay_mode == "decoupled":
-        torch._foreach_mul_(list(params), 1 - lr * weight_decay)
-    torch._foreach_sub_(list(params), unflatten_like(direction * lr, params))
-    if weight_decay != 0 and weight_decay_mode == "proximal":
-        torch._foreach_div_(list(params), 1 + lr * weight_decay)
+    # Copies, not views: a new buffer may be the gradient or the parameter itself (Adan's g_prev,
+    # a state defined as ``param``), and both are overwritten in place after this step.
+    flat_g = flatten(grads, copy=True)
+    flat_x = flatten(params, copy=True) if needs_param(family, weight_decay, weight_decay_mode) else None
+    delta, new_state = displacement(family, flat_g, state, flat_x, {**h, "lr": lr, "weight_decay": weight_decay},
+                                    t, weight_decay_mode)
+    torch._foreach_add_(list(params), unflatten_like(delta, params))
     return new_state
 
 
@@ -201,6 +230,20 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._buckets[key] = bucket
         return bucket
 
+    def _install_state(self, bucket: _Bucket, new_state: Mapping[str, Tensor]):
+        """Make ``new_state`` the bucket's buffers (no copy) and re-point each parameter's views.
+
+        Swapping instead of copying saves a read and a write per buffer, and leaves the previous
+        buffers intact for anything that still holds them (the hyper-gradient engine's residuals).
+        """
+        for name, value in new_state.items():
+            if value.shape != bucket.flat[name].shape:  # a buffer whose rule evaluated to a scalar
+                value = value.expand(bucket.flat[name].shape).clone()
+            bucket.flat[name] = value
+            views = [value] * len(bucket.params) if value.dim() == 0 else unflatten_like(value, bucket.params)
+            for p, v in zip(bucket.params, views):
+                self.state[p][name] = v
+
     def _retire_buckets(self):
         self._buckets.clear()
         self._param_bucket.clear()
@@ -249,8 +292,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 t = float(step + 1)
                 new_state = apply_update(self.family, params, [p.grad for p in params], bucket.flat, h,
                                          group["lr"], group["weight_decay"], group["weight_decay_mode"], t)
-                for name, value in new_state.items():
-                    bucket.flat[name].copy_(value)
+                self._install_state(bucket, new_state)
                 for p in params:
                     self.state[p]["step"] = step + 1
         return loss
