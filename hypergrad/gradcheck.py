@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from optimizers.adapter import displacement, flatten, unflatten_like
 from .optimizer import HyperOptimizer
 from .tower import Level
 
-__all__ = ["CoefficientCheck", "check_hypergradients", "finite_difference_hypergradients", "main"]
+__all__ = ["CoefficientCheck", "check_hypergradients", "check_tower_hypergradients",
+           "finite_difference_hypergradients", "finite_difference_noise", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,58 @@ def check_hypergradients(model: nn.Module, loss_fns: Sequence[Callable[[nn.Modul
                                           loss_fns[-1], delta)
     noise = finite_difference_noise(_loss_value(model, snapshot, snapshot["x"], loss_fns[-1]), delta)
     return [CoefficientCheck(n, engine[n], fd[n], noise) for n in learn]
+
+
+def check_tower_hypergradients(build: Callable[[], Tuple[nn.Module, HyperOptimizer]],
+                               loss_fns: Sequence[Callable[[nn.Module], Tensor]],
+                               delta: float = 1e-5) -> List[List[CoefficientCheck]]:
+    """Check every level of a tower: dF_t/dq_k for each level vector q_k, k = 1..L.
+
+    ``build()`` must return a fresh, deterministic ``(model, optimizer)`` pair. The engine's values
+    are read at the last step. The oracle replays the whole run and, at the step before, shifts
+    entry i of q_k by +-delta right after level k has updated it (before the levels below and the
+    model use it), then evaluates the last loss: a central difference of F_t through the chain
+    q_k -> q_{k-1} -> ... -> x_{t-1}, the state before each update held fixed as in the engine.
+    Needs at least 3 losses (the tower first moves at the second step).
+    """
+    if len(loss_fns) < 3:
+        raise ValueError(f"loss_fns needs at least 3 batches, got {len(loss_fns)}")
+
+    def run(perturbation=None):
+        model, opt = build()
+        for i, loss_fn in enumerate(loss_fns[:-1]):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            if i == len(loss_fns) - 2:
+                opt._perturbation = perturbation
+            opt.step()
+        return model, opt
+
+    model, opt = run()
+    opt.zero_grad(set_to_none=True)
+    loss_fns[-1](model).backward()
+    opt.step()
+    engine = [d.detach().clone() for d in opt._hypergrads]
+    layouts = opt._layouts
+    base_model, _ = run()
+    with torch.no_grad():
+        noise = finite_difference_noise(float(loss_fns[-1](base_model)), delta)
+    out = []
+    for k, layout in enumerate(layouts):
+        level = []
+        for s in range(layout.sets):
+            for name in layout.names:
+                i = layout.index(s, name)
+                values = {}
+                for m in (2, 1, -1, -2):
+                    replay, _ = run((k, i, m * delta))
+                    with torch.no_grad():
+                        values[m] = float(loss_fns[-1](replay))
+                fd = (-values[2] + 8 * values[1] - 8 * values[-1] + values[-2]) / (12 * delta)
+                label = name if layout.sets == 1 else f"{name}[{s}]"
+                level.append(CoefficientCheck(f"level{k + 1}.{label}", float(engine[k][i]), fd, noise))
+        out.append(level)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ command

@@ -167,6 +167,7 @@ class HyperOptimizer(RuleOptimizer):
         self._hypergrads: List[Optional[Tensor]] = [None] * len(tower)
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._graph_q: Optional[List[Tensor]] = None  # graph backend: this step's level vectors, in the graph
+        self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
     # ------------------------------------------------------------------ public views
     def coefficients(self) -> Dict[str, Tensor]:
@@ -238,6 +239,7 @@ class HyperOptimizer(RuleOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._validate_all_groups()
         self._hyper_step += 1
         # 1. Hypergradients of the last updates at the new gradient, then 2. the tower top-down.
         if self._residual0 is not None:
@@ -314,14 +316,25 @@ class HyperOptimizer(RuleOptimizer):
             else:
                 q_new, vjp_fn, new_state = torch.func.vjp(fn, new_q[k + 1], has_aux=True)
                 self._residuals[k + 1] = vjp_fn
-            new_q[k] = q_new.detach()
+            new_q[k] = self._apply_perturbation(k, q_new.detach())
             self._level_state[k] = new_state
         self._q = new_q
         if graph:
             self._graph_q = graph_q
 
+    def _apply_perturbation(self, k: int, q: Tensor) -> Tensor:
+        """Finite-difference hook (``gradcheck``): shift entry ``i`` of level ``k``'s fresh vector once."""
+        if self._perturbation is not None and self._perturbation[0] == k:
+            _, i, amount = self._perturbation
+            self._perturbation = None
+            q = q.clone()
+            q[i] += amount
+        return q
+
     def _model_update(self, record: bool):
         graph = self.backend == "graph"
+        if self._perturbation is not None and self._perturbation[0] == 0:  # the tower did not move this step
+            self._q[0] = self._apply_perturbation(0, self._q[0])
         q1 = self._q[0]
         if graph and record:
             if self._graph_q is None:  # the tower did not move this step: fresh leaves
@@ -329,8 +342,7 @@ class HyperOptimizer(RuleOptimizer):
             q1 = self._graph_q[0]
         residual = []
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f"param group {gi}")
-            with_grad = self._params_with_grad(group, gi)
+            with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
             for (_, _, step), params in self._partition(with_grad).items():
@@ -361,17 +373,6 @@ class HyperOptimizer(RuleOptimizer):
                 for p in params:
                     self.state[p]["step"] = step + 1
         self._residual0 = residual if record else None
-
-    def _params_with_grad(self, group, gi) -> List[Tensor]:
-        out = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError(f"parameter {i} of param group {gi} has a sparse gradient; "
-                                 f"{self.family.name!r} supports dense gradients only")
-            out.append(p)
-        return out
 
     def __repr__(self):
         return (f"HyperOptimizer({self.family.name}, learn={list(self.learn)}, tower={self.tower}, "

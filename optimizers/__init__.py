@@ -7,7 +7,7 @@ Public API:
     sgd, adam, adamw, amsgrad, avgrad, yogi, adan, adan_original, lion, nadam, mada, RULES, get_rule
     RuleOptimizer, build_optimizer                          -- torch.optim adapter (adapter.py)
 """
-from .domains import Coefficient, Domain, Interval, NonNegative, Positive, Simplex
+from .domains import Beta, Coefficient, Domain, Interval, NonNegative, Positive, Simplex
 from .expr import (Coef, Const, Expr, State, absolute, bias_correction, ema, first_step, grad, hull, interp,
                    maximum, param, sign, sqrt, square, step)
 from .family import WEIGHT_DECAY_MODES, Family
@@ -16,7 +16,7 @@ from .rules import (MADA_VERTICES, RULES, adam, adamw, adan, adan_original, amsg
 from .adapter import RuleOptimizer, apply_update, build_optimizer, displacement, flatten, needs_param, unflatten_like
 
 __all__ = [
-    "Coefficient", "Domain", "Interval", "NonNegative", "Positive", "Simplex",
+    "Beta", "Coefficient", "Domain", "Interval", "NonNegative", "Positive", "Simplex",
     "Coef", "Const", "Expr", "State", "absolute", "bias_correction", "ema", "first_step", "grad", "hull", "interp",
     "maximum", "param", "sign", "sqrt", "square", "step",
     "Family", "WEIGHT_DECAY_MODES",

@@ -195,6 +195,15 @@ class RuleOptimizer(torch.optim.Optimizer):
                                 f"only floating-point parameters can be optimized")
         self._validate_group(group, f"param group {len(self.param_groups) - 1}")
 
+    def _validate_all_groups(self):
+        """Check every group before touching any parameter: a rejected step moves nothing."""
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group, f"param group {gi}")
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"parameter {i} of param group {gi} has a sparse gradient; "
+                                     f"{self.family.name!r} supports dense gradients only")
+
     # ------------------------------------------------------------------ buckets
     def _bucket(self, params: List[Tensor]) -> _Bucket:
         key = tuple(map(id, params))
@@ -274,16 +283,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._validate_all_groups()
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f"param group {gi}")
-            with_grad = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter {i} of param group {gi} has a sparse gradient; "
-                                     f"{self.family.name!r} supports dense gradients only")
-                with_grad.append(p)
+            with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
             h = self._hyperparameters(group)

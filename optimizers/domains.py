@@ -22,7 +22,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["Domain", "Interval", "Positive", "NonNegative", "Simplex", "Coefficient"]
+__all__ = ["Domain", "Interval", "Positive", "NonNegative", "Beta", "Simplex", "Coefficient"]
 
 Number = Union[float, int]
 
@@ -91,6 +91,11 @@ class Interval(Domain):
 def NonNegative() -> Interval:
     """``[0, inf)``: learning rates, weight decay."""
     return Interval(0.0, math.inf, open_high=True)
+
+
+def Beta() -> Interval:
+    """``[0, 1)``: an EMA factor (beta = 1 would zero the bias correction 1 - beta^t)."""
+    return Interval(0.0, 1.0, open_high=True)
 
 
 @dataclass(frozen=True)

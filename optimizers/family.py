@@ -84,6 +84,7 @@ class Family:
             declared[c.name] = c
 
         nodes = E.walk([self.direction])
+        simplex_indices: Dict[str, set] = {}
         used = []
         states = []
         self.uses_param = False
@@ -94,6 +95,8 @@ class Family:
                         f"family {name!r} uses coefficient {node.name!r} but declares only {sorted(declared)}")
                 if (node.index is not None) != isinstance(declared[node.name].domain, Simplex):
                     raise ValueError(f"coefficient {node.name!r}: index a Simplex coefficient (and only those)")
+                if node.index is not None:
+                    simplex_indices.setdefault(node.name, set()).add(node.index)
                 if node.name not in used:
                     used.append(node.name)
             elif isinstance(node, E.State):
@@ -105,6 +108,11 @@ class Family:
                     states.append(node)
             elif isinstance(node, E.Input) and node.kind == "param":
                 self.uses_param = True
+        for cname, indices in simplex_indices.items():
+            size = declared[cname].domain.size
+            if indices != set(range(size)):
+                raise ValueError(f"family {name!r}: simplex coefficient {cname!r} has {size} weights but the "
+                                 f"expression uses weights {sorted(indices)}; a hull needs one weight per branch")
         # A declared coefficient that the expression no longer reads (e.g. Lion's betas at
         # gamma = 1) is dropped, so passing it to the optimizer is an error rather than a no-op.
         self.coefficients: Dict[str, Coefficient] = {n: declared[n] for n in declared if n in used}
@@ -112,7 +120,7 @@ class Family:
         # intermediate, not a buffer: it is computed each step but not stored.
         carried = {n.state.uid for n in nodes if isinstance(n, E.Prev)}
         self.states: Tuple[E.State, ...] = tuple(s for s in states if s.uid in carried)
-        self._check_acyclic()
+        self._check_acyclic(states)
         self.vertices: Dict[str, Dict[str, object]] = {}
         for vname, point in (vertices or {}).items():
             unknown = set(point) - set(declared)
@@ -124,10 +132,10 @@ class Family:
         self._declared = declared
 
     # ------------------------------------------------------------------ structure
-    def _check_acyclic(self):
+    def _check_acyclic(self, states):
         """A state's new value may read other states' new values, but not in a cycle."""
         deps = {}
-        for s in self.states:
+        for s in states:
             # only references to another state's *new* value order the computation; Prev does not
             deps[s.name] = {n.name for n in _new_value_refs(s.definition)}
         visiting, done = set(), set()
@@ -172,9 +180,10 @@ class Family:
             self._declared[k].validate(v, what=f"coefficient {k!r}")
         (direction,) = E.substitute([self.direction], constants)
         remaining = [c for n, c in self._declared.items() if n not in constants]
+        constants = {k: _canonical(v) for k, v in constants.items()}
         vertices = {v: {k: x for k, x in p.items() if k not in constants}
                     for v, p in self.vertices.items()
-                    if all(p.get(k, constants[k]) == constants[k] for k in constants)}
+                    if all(_canonical(p.get(k, constants[k])) == constants[k] for k in constants)}
         return Family(
             name or f"{self.name}@" + ",".join(f"{k}={v}" for k, v in constants.items()),
             remaining, direction, vertices=vertices,
@@ -249,6 +258,15 @@ class Family:
         direction = ev(self.direction)
         new_state = {s.name: ev(s) for s in self.states}
         return direction, new_state
+
+
+def _canonical(value):
+    """A coefficient value as a float, or a tuple of floats for simplex weights (lists, tensors...)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    return float(value)
 
 
 def _new_value_refs(expr) -> Iterable[E.State]:

@@ -10,7 +10,7 @@ import math
 from typing import Callable, Dict
 
 from . import expr as E
-from .domains import Coefficient, Interval, Positive
+from .domains import Beta, Coefficient, Interval, Positive
 from .expr import Coef, State, bias_correction, ema, grad, interp, sign, sqrt, square, step
 from .family import Family
 
@@ -23,7 +23,7 @@ __all__ = [
 NADAM_SCHEDULE_BASE = 0.96
 
 _UNIT = Interval(0.0, 1.0)
-_BETA = Interval(0.0, 1.0, open_high=True)  # torch's 0 <= beta < 1 (beta = 1 zeroes a bias correction)
+_BETA = Beta()  # torch's 0 <= beta < 1 (beta = 1 zeroes a bias correction)
 
 
 def _beta(name, init, learnable=True, domain=_BETA, doc=""):

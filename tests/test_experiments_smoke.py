@@ -1,0 +1,157 @@
+"""Smoke tests of experiments/: data, model, the step benchmark and the demo (a few seconds in all)."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from experiments import bench_step, demo
+from experiments.data import SPLITS, get_batch, load_shakespeare
+from experiments.model import CONFIGS, GPT, GPTConfig, MLP, MLPConfig, build_model, count_parameters, param_groups
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_corpus_loads_with_char_vocab():
+    corpus = load_shakespeare()
+    assert corpus.train.dtype == torch.uint8 and corpus.val.dtype == torch.uint8
+    assert corpus.train.dim() == 1 and corpus.val.dim() == 1
+    n_train, n_val = len(corpus.train), len(corpus.val)
+    assert n_train > 4_000_000 and n_val > 400_000      # ~5 MB of text, ~10% held out
+    assert 0.08 < n_val / (n_train + n_val) < 0.12
+    assert len(corpus.files) == 42 and all(f.endswith("_gut.txt") for f in corpus.files)
+    assert list(corpus.vocab) == sorted(set(corpus.vocab)) and "\n" in corpus.vocab and " " in corpus.vocab
+    assert int(corpus.train.max()) < corpus.vocab_size and int(corpus.val.max()) < corpus.vocab_size
+    assert corpus.decode(corpus.encode("To be, or not to be")) == "To be, or not to be"
+    assert load_shakespeare() is corpus                  # cached per process
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_batches_shape_dtype_and_seeding(split):
+    corpus = load_shakespeare()
+    x, y = get_batch(split, 4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])              # y is x shifted by one character
+    assert int(x.min()) >= 0 and int(x.max()) < corpus.vocab_size
+    x2, _ = get_batch(split, 4, 32, torch.Generator().manual_seed(0))
+    x3, _ = get_batch(split, 4, 32, torch.Generator().manual_seed(1))
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+
+
+def test_bad_split_is_an_error():
+    with pytest.raises(ValueError, match="split"):
+        get_batch("test", 2, 8)
+
+
+# ------------------------------------------------------------------------------------------ model
+def test_gpt_forward_backward_and_tied_weights():
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=84)
+    assert model.lm_head.weight is model.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    idx = torch.randint(0, 84, (3, 16))
+    logits, loss = model(idx, idx.roll(-1, 1))
+    assert logits.shape == (3, 16, 84)
+    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(84)) < 0.5   # near-uniform at init
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    logits, loss = model(idx[:, :5])                      # shorter than block_size, no targets
+    assert logits.shape == (3, 5, 84) and loss is None
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_param_groups_decay_matrices_only():
+    model = build_model("tiny", vocab_size=84)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))   # tied weight listed once
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == count_parameters(model)
+
+
+@pytest.mark.parametrize("name, low, high", [("demo", 0.75e6, 0.85e6), ("bench10m", 10.4e6, 11.0e6),
+                                             ("mlp10m", 9.5e6, 11.0e6)])
+def test_named_configs_have_their_sizes(name, low, high):
+    with torch.device("meta"):                            # no memory, no init cost
+        model = build_model(name)
+    assert low < count_parameters(model) < high
+    assert isinstance(model, MLP if name.startswith("mlp") else GPT)
+
+
+def test_mlp_forward():
+    model = MLP(MLPConfig(in_features=8, hidden=16, n_hidden_layers=2, out_features=3))
+    logits, loss = model(torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]))
+    assert logits.shape == (5, 3) and math.isfinite(loss.item())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("gpt3")
+
+
+# ------------------------------------------------------------------------------------------ bench
+def test_bench_step_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_step.main(["--model", "tiny", "--steps", "3", "--warmup", "1", "--out", str(out), "--no-progress"])
+    report = json.loads(out.read_text())
+    for key in ("machine", "torch", "git_commit", "config", "results"):
+        assert key in report
+    assert report["config"]["steps"] == 3 and report["config"]["model"] == "tiny"
+    results = report["results"]
+    assert set(results) == set(bench_step.CANDIDATES)
+    for name in ("torch_adamw_fused", "torch_adamw_foreach", "sgd", "adam", "adamw", "amsgrad", "avgrad", "yogi",
+                 "adan", "adan_original", "lion", "nadam", "mada"):
+        r = results[name]
+        assert r["n"] == 3 and r["median_ms"] > 0 and r["ratio_to_fused"] > 0 and math.isfinite(r["ratio_to_fused"])
+    assert results["torch_adamw_fused"]["ratio_to_fused"] == 1.0
+    assert "| mada |" in capsys.readouterr().out
+
+
+def test_bench_step_only_and_registry(tmp_path):
+    calls = []
+
+    class Counting:
+        def __init__(self, params):
+            self.opt = torch.optim.SGD(params, lr=0.0)
+
+        def step(self):
+            calls.append(1)
+            self.opt.step()
+
+    bench_step.register("counting", Counting)
+    try:
+        report = bench_step.run("tiny", steps=2, warmup=1, only=["counting"], progress=False)
+    finally:
+        del bench_step.CANDIDATES["counting"]
+    assert set(report["results"]) == {"torch_adamw_fused", "torch_adamw_foreach", "counting"}
+    assert len(calls) == 3                                # warm-up + timed rounds
+    with pytest.raises(ValueError, match="unknown candidate"):
+        bench_step.run("tiny", steps=2, warmup=0, only=["nope"], progress=False)
+
+
+# ------------------------------------------------------------------------------------------ demo
+def test_demo_train_function_runs_three_steps():
+    corpus = load_shakespeare()
+    cfg = dataclasses.replace(CONFIGS["tiny"], vocab_size=corpus.vocab_size)
+    batches = demo.fixed_batches(corpus, "train", 3, 4, cfg.block_size, seed=0)
+    evals = {s: demo.fixed_batches(corpus, s, 1, 4, cfg.block_size, seed=1) for s in SPLITS}
+    spec = next(s for s in demo.RUNS if s.name == "mada")
+    r = demo.train(spec, cfg, batches, evals, lr=1e-3, weight_decay=0.1, seed=0, progress=False)
+    assert r["steps_done"] == 3 and len(r["train_losses"]) == 3
+    assert math.isfinite(r["final_train_loss"]) and math.isfinite(r["final_val_loss"])
+
+
+def test_demo_main_all_runs_on_tiny(tmp_path):
+    out = tmp_path / "demo.json"
+    report = demo.main(["--model", "tiny", "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress"])
+    assert json.loads(out.read_text())["config"]["steps"] == 3
+    results = report["results"]
+    assert list(results) == [s.name for s in demo.RUNS]
+    assert all(math.isfinite(r["final_val_loss"]) for r in results.values())
+    assert results["lion"]["lr"] == pytest.approx(1e-4)
+    # our AdamW rule follows torch.optim.AdamW on the same init and batches
+    assert results["adamw"]["train_losses"] == pytest.approx(results["torch_adamw"]["train_losses"], rel=1e-5)
