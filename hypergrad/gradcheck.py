@@ -155,7 +155,7 @@ def check_hypergradients(model: nn.Module, loss_fns: Sequence[Callable[[nn.Modul
 
 def check_tower_hypergradients(build: Callable[[], Tuple[nn.Module, HyperOptimizer]],
                                loss_fns: Sequence[Callable[[nn.Module], Tensor]],
-                               delta: float = 1e-5) -> List[List[CoefficientCheck]]:
+                               delta: float | Sequence[float] = 1e-5) -> List[List[CoefficientCheck]]:
     """Check every level of a tower: dF_t/dq_k for each level vector q_k, k = 1..L.
 
     ``build()`` must return a fresh, deterministic ``(model, optimizer)`` pair. The engine's values
@@ -163,7 +163,9 @@ def check_tower_hypergradients(build: Callable[[], Tuple[nn.Module, HyperOptimiz
     entry i of q_k by +-delta right after level k has updated it (before the levels below and the
     model use it), then evaluates the last loss: a central difference of F_t through the chain
     q_k -> q_{k-1} -> ... -> x_{t-1}, the state before each update held fixed as in the engine.
-    Needs at least 3 losses (the tower first moves at the second step).
+    Needs at least 3 losses (the tower first moves at the second step). ``delta`` may be one step
+    per level: upper levels often have tiny hypergradients, which want a larger step to rise above
+    round-off, while level 1 wants a small one (no Yogi sign flip inside the stencil).
     """
     if len(loss_fns) < 3:
         raise ValueError(f"loss_fns needs at least 3 batches, got {len(loss_fns)}")
@@ -185,10 +187,15 @@ def check_tower_hypergradients(build: Callable[[], Tuple[nn.Module, HyperOptimiz
     engine = [d.detach().clone() for d in opt._hypergrads]
     layouts = opt._layouts
     base_model, _ = run()
+    deltas = [float(delta)] * len(layouts) if isinstance(delta, (int, float)) else [float(d) for d in delta]
+    if len(deltas) != len(layouts):
+        raise ValueError(f"delta has {len(deltas)} entries but the tower has {len(layouts)} levels")
     with torch.no_grad():
-        noise = finite_difference_noise(float(loss_fns[-1](base_model)), delta)
+        base_loss = float(loss_fns[-1](base_model))
     out = []
     for k, layout in enumerate(layouts):
+        delta = deltas[k]
+        noise = finite_difference_noise(base_loss, delta)
         level = []
         for s in range(layout.sets):
             for name in layout.names:

@@ -85,5 +85,7 @@ def unrolled_hypergradients(
             delta, state = displacement(family, flat_g, state, flat_x, h, float(i + 1), mode)
             flat_x = flat_x + delta
         final = loss_at(flat_x, batches[-1])
+        if not learn:
+            return float(final), {}
         (grad_q,) = torch.autograd.grad(final, q)
     return float(final), {n: float(grad_q[i]) for i, n in enumerate(learn)}
