@@ -209,12 +209,37 @@ class Op(Expr):
         return f"{self.op}({', '.join(map(repr, self.args))})"
 
 
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(v)`` whose derivative is 0 (not inf) where ``v == 0``.
+
+    sqrt'(0) is infinite: a parameter whose gradient has always been 0 (an unused embedding row)
+    has v = 0 and would turn the hypergradient into inf * 0 = NaN. The limit of the true
+    contribution there is 0 (v stays 0 to first order when its gradient is 0). The forward pass is
+    a plain ``torch.sqrt``: the fix costs nothing unless something differentiates.
+    Written in the ``setup_context`` style so that ``torch.func`` transforms (vjp, jvp) accept it.
+    """
+
+    @staticmethod
+    def forward(v):
+        return torch.sqrt(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad_out / (2 * root), torch.zeros_like(grad_out))
+
+    @staticmethod
+    def jvp(ctx, v_tangent):
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, v_tangent / (2 * root), torch.zeros_like(v_tangent))
+
+
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
-    # sqrt'(0) is infinite: a parameter whose gradient has always been 0 (an unused embedding row)
-    # has v = 0 and would turn the hypergradient into inf * 0 = NaN. The double-where keeps the
-    # value sqrt(v) and gives derivative 0 at v == 0, the limit of the true contribution there.
-    positive = v > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v))
+    return _SafeSqrt.apply(v)
 
 
 def _first_step(t, a, b):
