@@ -12,7 +12,9 @@ keeps memory at one model plus the optimizer states.
 How: candidates are stepped round-robin, one step each per round, so a slow drift of the machine
 (thermal, other processes, frequency) hits all of them alike. The first ``--warmup`` rounds
 allocate state and warm caches and are not timed; then ``--steps`` rounds are timed and the
-median is reported. Python's garbage collector is off during timed rounds. Threads: torch's
+median is reported. Python's garbage collector stays on, as in training: turning it off would
+let tensors held in reference cycles pile up (``Family.update`` leaves one per step, found while
+writing this) until memory runs out. Threads: torch's
 default (``torch.get_num_threads()``; set ``OMP_NUM_THREADS`` to change it).
 
 Extending: a candidate is a name and a factory ``params -> object with .step()`` (``params`` is the
@@ -186,25 +188,18 @@ def time_steps(optims: Dict[str, object], steps: int, warmup: int, progress: boo
     if progress:
         from tqdm import tqdm
         rounds = tqdm(rounds, desc="bench rounds", file=sys.stderr, leave=False)
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    try:
-        for r in rounds:
-            if r == warmup:
-                gc.collect()
-                gc.disable()
-            for name, opt in optims.items():
-                f0 = _minor_faults()
-                t0 = time.perf_counter_ns()
-                opt.step()
-                elapsed = time.perf_counter_ns() - t0
-                if r >= warmup:
-                    times[name].append(elapsed / 1e6)
-                    if faults is not None:
-                        faults.setdefault(name, []).append(_minor_faults() - f0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    for r in rounds:
+        if r == warmup:
+            gc.collect()
+        for name, opt in optims.items():
+            f0 = _minor_faults()
+            t0 = time.perf_counter_ns()
+            opt.step()
+            elapsed = time.perf_counter_ns() - t0
+            if r >= warmup:
+                times[name].append(elapsed / 1e6)
+                if faults is not None:
+                    faults.setdefault(name, []).append(_minor_faults() - f0)
     return times
 
 
@@ -236,7 +231,7 @@ def markdown_table(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(model_name: str = "gpt10m", steps: int = 25, warmup: int = 3, only: Optional[Sequence[str]] = None,
+def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Optional[Sequence[str]] = None,
         seed: int = 0, progress: bool = True) -> dict:
     """Benchmark and return the report dict (see the module docstring)."""
     if steps < 1 or warmup < 0:
@@ -264,6 +259,8 @@ def run(model_name: str = "gpt10m", steps: int = 25, warmup: int = 3, only: Opti
     # Other processes on the machine inflate every number (OpenMP threads wait on each other);
     # the load averages let a reader judge a run. Interleaving keeps the *ratios* comparable.
     machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
+    if resource is not None:  # ru_maxrss is in KiB on Linux
+        machine["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
         "machine": machine,
         "torch": torch.__version__,
@@ -291,8 +288,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODEL_CHOICES, default="gpt10m")
-    p.add_argument("--steps", type=int, default=25, help="timed rounds (median over these); default 25")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first; default 3")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (median over these); default 20")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first; default 2")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated candidates (the torch AdamW baselines always run): "
                         + ",".join(CANDIDATES))

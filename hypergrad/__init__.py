@@ -6,6 +6,7 @@ Public API:
 """
 from .tower import CoefficientLayout, Level, LR_COEFFICIENT, level_update
 from .optimizer import BACKENDS, SHARING, HyperAdam, HyperOptimizer, HyperSGD, MADA
+from .graph import family_graph, tower_graph, draw
 
 __all__ = ["HyperOptimizer", "MADA", "HyperAdam", "HyperSGD", "Level", "CoefficientLayout", "LR_COEFFICIENT",
-           "level_update", "BACKENDS", "SHARING"]
+           "level_update", "BACKENDS", "SHARING", "family_graph", "tower_graph", "draw"]

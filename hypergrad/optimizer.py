@@ -31,7 +31,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from optimizers import Family, get_rule
+from optimizers import Family, Interval, Positive, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
 
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
@@ -106,6 +106,10 @@ class HyperOptimizer(RuleOptimizer):
                 raise ValueError(f"tower[{i}] (the top level) has learn={list(lv.learn)}: add a level above it to learn them")
             if not lv.learn and i < len(tower) - 1:
                 raise ValueError(f"tower[{i + 1}] has nothing to learn: tower[{i}].learn is empty")
+        for n in learn:
+            if n != "lr" and not isinstance(fam.coefficients[n].domain, (Interval, Positive)):
+                raise ValueError(f"learn: coefficient {n!r} lives on {fam.coefficients[n].domain.describe()}; "
+                                 f"only interval-valued coefficients can be learned (fix it, or leave it out of learn)")
         self.learn = tuple(dict.fromkeys(learn))
         self.tower: List[Level] = tower
         self.share = share

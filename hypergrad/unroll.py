@@ -86,6 +86,6 @@ def unrolled_hypergradients(
             flat_x = flat_x + delta
         final = loss_at(flat_x, batches[-1])
         if not learn:
-            return float(final), {}
+            return float(final.detach()), {}
         (grad_q,) = torch.autograd.grad(final, q)
-    return float(final), {n: float(grad_q[i]) for i, n in enumerate(learn)}
+    return float(final.detach()), {n: float(grad_q[i]) for i, n in enumerate(learn)}

@@ -152,6 +152,6 @@ def test_demo_main_all_runs_on_tiny(tmp_path):
     results = report["results"]
     assert list(results) == [s.name for s in demo.RUNS]
     assert all(math.isfinite(r["final_val_loss"]) for r in results.values())
-    assert results["lion"]["lr"] == pytest.approx(1e-4)
+    assert results["lion"]["lr"] == pytest.approx(2e-4)
     # our AdamW rule follows torch.optim.AdamW on the same init and batches
     assert results["adamw"]["train_losses"] == pytest.approx(results["torch_adamw"]["train_losses"], rel=1e-5)
