@@ -12,10 +12,14 @@ keeps memory at one model plus the optimizer states.
 How: candidates are stepped round-robin, one step each per round, so a slow drift of the machine
 (thermal, other processes, frequency) hits all of them alike. The first ``--warmup`` rounds
 allocate state and warm caches and are not timed; then ``--steps`` rounds are timed and the
-median is reported. Python's garbage collector stays on, as in training: turning it off would
-let tensors held in reference cycles pile up (``Family.update`` leaves one per step, found while
-writing this) until memory runs out. Threads: torch's
-default (``torch.get_num_threads()``; set ``OMP_NUM_THREADS`` to change it).
+median is reported. Python's garbage collector stays on, as in training: turning it off lets
+tensors held in reference cycles pile up until memory runs out (at the time of writing
+``Family.update`` leaves one such cycle per step, holding all its temporaries). Threads: torch's
+default (``torch.get_num_threads()``; set ``OMP_NUM_THREADS`` to change it). Minor page faults
+per step are recorded too: on glibc every temporary above 32 MB is a fresh ``mmap``, so a step
+that allocates full-size temporaries pays page faults that a fused kernel never does. The load
+averages before/after and the peak RSS go into the report: on a shared machine other processes
+slow every OpenMP region (absolute numbers suffer most; interleaving protects the ratios).
 
 Extending: a candidate is a name and a factory ``params -> object with .step()`` (``params`` is the
 param-group list of ``experiments.model.param_groups``). Register more with ``register(name,
@@ -25,7 +29,8 @@ two torch baselines always run, since every ratio is relative to them).
 Output: a markdown table on stdout and a JSON file (``--out``, default ``runs/bench_step.json``)::
 
     {"machine": {...}, "torch": "2.13.0+cpu", "git_commit": "...", "config": {...},
-     "results": {name: {"median_ms", "ratio_to_fused", "ratio_to_foreach", "min_ms", "p25_ms", "p75_ms"}}}
+     "results": {name: {"median_ms", "ratio_to_fused", "ratio_to_foreach", "min_ms", "p25_ms", "p75_ms",
+                        "n", "minor_faults_per_step"}}}
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 

@@ -444,8 +444,12 @@ def bias_correction(beta):
 
 # ----------------------------------------------------------------------------- graph utilities
 
-def walk(roots: Iterable[Expr]) -> list:
-    """All nodes reachable from ``roots`` (following ``Prev`` to its state), in post-order."""
+def walk(roots: Iterable[Expr], follow_prev: bool = True) -> list:
+    """All nodes reachable from ``roots``, operands before their users.
+
+    ``follow_prev`` also follows ``Prev`` to its state (to find every buffer a family carries); an
+    evaluation order must not, since a previous value does not depend on this step's new value.
+    """
     seen, order = set(), []
     stack = [(r, False) for r in reversed(list(roots))]
     while stack:
@@ -458,7 +462,7 @@ def walk(roots: Iterable[Expr]) -> list:
         seen.add(node.uid)
         stack.append((node, True))
         kids = list(node.children())
-        if isinstance(node, Prev):
+        if isinstance(node, Prev) and follow_prev:
             kids.append(node.state)
         for k in reversed(kids):
             if k.uid not in seen:

@@ -121,6 +121,8 @@ class Family:
         carried = {n.state.uid for n in nodes if isinstance(n, E.Prev)}
         self.states: Tuple[E.State, ...] = tuple(s for s in states if s.uid in carried)
         self._check_acyclic(states)
+        self._reachable_states = tuple(states)
+        self._plan = None
         self.vertices: Dict[str, Dict[str, object]] = {}
         for vname, point in (vertices or {}).items():
             unknown = set(point) - set(declared)
@@ -220,11 +222,7 @@ class Family:
         ``t`` is the 1-based step count, a 0-D tensor (or a number) in a floating dtype.
         """
         values: Dict[int, object] = {}
-
-        def ev(node):
-            v = values.get(node.uid)
-            if v is not None:
-                return v
+        for node, free in self._schedule():
             if isinstance(node, E.Const):
                 v = node.value
             elif isinstance(node, E.Input):
@@ -241,9 +239,9 @@ class Family:
             elif isinstance(node, E.Prev):
                 v = state[node.state.name]
             elif isinstance(node, E.State):
-                v = ev(node.definition)
+                v = values[node.definition.uid]
             else:
-                args = [ev(a) for a in node.args]
+                args = [values[a.uid] for a in node.args]
                 fn = _PY_OPS.get(node.op)
                 if fn is not None:
                     v = fn(*args)
@@ -253,11 +251,28 @@ class Family:
                 else:
                     v = E.OPS[node.op](*args)
             values[node.uid] = v
-            return v
+            for uid in free:  # drop intermediates after their last use: peak memory, not total
+                del values[uid]
+        return values[self.direction.uid], {s.name: values[s.uid] for s in self.states}
 
-        direction = ev(self.direction)
-        new_state = {s.name: ev(s) for s in self.states}
-        return direction, new_state
+    def _schedule(self):
+        """Evaluation order (operands first) with, for each node, the values that die after it."""
+        if self._plan is None:
+            outputs = [self.direction, *self.states]
+            # every reachable state is a root: a carried buffer's update may appear nowhere else
+            order = E.walk([self.direction, *self._reachable_states], follow_prev=False)
+            last_use = {n.uid: i for i, n in enumerate(order)}
+            for i, n in enumerate(order):
+                operands = n.args if isinstance(n, E.Op) else (n.definition,) if isinstance(n, E.State) else ()
+                for a in operands:
+                    last_use[a.uid] = max(last_use[a.uid], i)
+            keep = {n.uid for n in outputs}
+            free = [[] for _ in order]
+            for uid, i in last_use.items():
+                if uid not in keep:
+                    free[i].append(uid)
+            self._plan = [(n, tuple(f)) for n, f in zip(order, free)]
+        return self._plan
 
 
 def _canonical(value):
