@@ -54,6 +54,7 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+import hypergrad
 import optimizers
 from experiments.model import CONFIGS, GPTConfig, build_model, count_parameters, param_groups
 
@@ -110,6 +111,23 @@ def _rule_factory(name: str, kwargs: dict) -> Factory:
 for _name, _kwargs in RULE_KWARGS.items():
     register(_name, _rule_factory(_name, _kwargs))
 register("mada", lambda params: optimizers.RuleOptimizer(params, optimizers.mada(), lr=LR))
+
+
+def _fused_factory(name: str, kwargs: dict) -> Factory:
+    return lambda params: optimizers.RuleOptimizer(params, optimizers.get_rule(name), lr=LR, fused=True, **kwargs)
+
+
+# The same rules through the fused path (one compiled in-place kernel per tensor; compiles during
+# warm-up). NAdam's scalar buffer keeps it on the flat path.
+for _name, _kwargs in {**RULE_KWARGS, "mada": {}}.items():
+    if optimizers.supports_fused(optimizers.get_rule(_name)):
+        register(f"{_name}_fused", _fused_factory(_name, _kwargs))
+
+# Hyper-learning MADA (all six coefficients, Adam hyper-optimizer) and a depth-2 tower
+# (Adam's learning rate learned by SGD), on the functional (torch.func.vjp) backend.
+register("mada_hyper", lambda params: hypergrad.MADA(params, lr=LR))
+register("mada_tower2", lambda params: hypergrad.MADA(
+    params, lr=LR, tower=[hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]))
 
 
 def _check_rules_covered() -> None:

@@ -123,6 +123,7 @@ class Family:
         self._check_acyclic(states)
         self._reachable_states = tuple(states)
         self._plan = None
+        self._frontier = None
         self.vertices: Dict[str, Dict[str, object]] = {}
         for vname, point in (vertices or {}).items():
             unknown = set(point) - set(declared)
@@ -216,14 +217,18 @@ class Family:
         return out
 
     def update(self, grad: torch.Tensor, state: Mapping[str, torch.Tensor], param: Optional[torch.Tensor],
-               h: Mapping[str, object], t) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+               h: Mapping[str, object], t, precomputed: Optional[Mapping[int, object]] = None,
+               ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """One step of the rule: returns the direction ``d_t`` and the new buffers (inputs untouched).
 
         ``t`` is the 1-based step count, a 0-D tensor (or a number) in a floating dtype.
+        ``precomputed`` maps node ids to values computed beforehand (``scalar_values``).
         """
         values: Dict[int, object] = {}
         for node, free in self._schedule():
-            if isinstance(node, E.Const):
+            if precomputed is not None and node.uid in precomputed:
+                v = precomputed[node.uid]
+            elif isinstance(node, E.Const):
                 v = node.value
             elif isinstance(node, E.Input):
                 v = grad if node.kind == "grad" else t if node.kind == "step" else param
@@ -254,6 +259,53 @@ class Family:
             for uid in free:  # drop intermediates after their last use: peak memory, not total
                 del values[uid]
         return values[self.direction.uid], {s.name: values[s.uid] for s in self.states}
+
+    def scalar_values(self, h: Mapping[str, object], t) -> Dict[int, object]:
+        """Values of the scalar-only subexpressions that elementwise operations consume.
+
+        Bias corrections ``1 - beta^t`` and the like depend on coefficients and the step only. A
+        fused kernel that took them as expressions would recompute a ``pow`` per element; computed
+        here once per step, they enter the kernel as inputs (``update(..., precomputed=...)``).
+        Families with scalar buffers are not split (their scalars depend on the state).
+        """
+        frontier = self._scalar_frontier()
+        if not frontier:
+            return {}
+        dummy = torch.zeros(())
+        values: Dict[int, object] = {}
+        for node, _ in self._schedule():
+            if node.uid not in self._scalar_uids:
+                continue
+            if isinstance(node, E.Const):
+                v = node.value
+            elif isinstance(node, E.Input):
+                v = t
+            elif isinstance(node, E.Coef):
+                v = h[node.name] if node.index is None else h[node.name][node.index]
+            else:
+                args = [values[a.uid] for a in node.args]
+                fn = _PY_OPS.get(node.op)
+                v = fn(*args) if fn is not None else E.OPS[node.op](*[
+                    a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=dummy.dtype) for a in args])
+            values[node.uid] = v
+        return {uid: values[uid] for uid in frontier}
+
+    def _scalar_frontier(self):
+        if self._frontier is None:
+            scalar = set()
+            if not any(s.scalar for s in self._reachable_states):
+                for node, _ in self._schedule():
+                    if isinstance(node, (E.Const, E.Coef)) or (isinstance(node, E.Input) and node.kind == "step"):
+                        scalar.add(node.uid)
+                    elif isinstance(node, E.Op) and all(a.uid in scalar for a in node.args):
+                        scalar.add(node.uid)
+            frontier = set()
+            for node, _ in self._schedule():
+                operands = node.args if isinstance(node, E.Op) else (node.definition,) if isinstance(node, E.State) else ()
+                if node.uid not in scalar:
+                    frontier.update(a.uid for a in operands if a.uid in scalar and isinstance(a, E.Op))
+            self._scalar_uids, self._frontier = scalar, tuple(sorted(frontier))
+        return self._frontier
 
     def _schedule(self):
         """Evaluation order (operands first) with, for each node, the values that die after it."""

@@ -1,0 +1,440 @@
+"""Train the char-level GPT on offline Shakespeare with any optimizer of the project.
+
+    .venv/bin/python -m experiments.train --optimizer=mada --max_iters=500 --out_dir=runs/mada
+    .venv/bin/python -m experiments.train --help            # every option, its type and default
+
+One run, read top to bottom: build the corpus (``experiments.data``) and a GPT
+(``experiments.model``), an optimizer, a cosine learning-rate schedule with linear warm-up; then
+``max_iters`` steps of (``grad_accum`` micro-batches -> gradient clipping -> ``optimizer.step()``),
+with train and val loss measured every ``eval_interval`` iterations on fixed eval batches.
+
+Optimizers (``--optimizer``):
+
+===============  ===========================================================================
+adamw            ``torch.optim.AdamW`` itself: the baseline (never one of our rules, never a
+                 "frozen MADA")
+mada             ``hypergrad.MADA``: learns (beta1, beta2, beta3, c, rho, gamma) by one-step
+                 hyper-gradient descent, hyper-level ``Level("adam", lr=hyper_lr)``
+hyperadam        ``hypergrad.HyperAdam``: MADA at the Adam vertex learning beta1, beta2 only
+<rule>           any other name of ``optimizers.RULES`` (``lion``, ``yogi``...), run with fixed
+                 coefficients by ``optimizers.build_optimizer``
+rule:<rule>      the same for any rule, including ``rule:adamw`` and ``rule:mada`` (our
+                 AdamW rule, MADA with fixed default coefficients)
+===============  ===========================================================================
+
+``--beta1/--beta2`` (default 0.9, 0.99, nanoGPT's shakespeare-char values) go to adamw, hyperadam,
+mada (as initial values) and the rules that follow Adam's beta convention (``ADAM_CONVENTION``);
+Lion, the original Adan and SGD keep their own defaults. ``--coefs=name=value,...`` sets any other
+coefficient (MADA's initial ``rho``, Lion's betas...).
+
+Weight decay applies to matrices only (``experiments.model.param_groups``). With gradient clipping,
+the hyper-optimizers see the clipped gradient, both for the model update and as the cotangent of
+the hypergradient (the gradient the optimizer actually used).
+
+Outputs under ``out_dir``:
+
+* ``log.jsonl``: a first ``manifest`` line (git commit, config, package versions, seed, data and
+  model sizes), then ``iter`` lines every ``log_interval`` iterations (minibatch loss, lr,
+  gradient norm before clipping, learned coefficients and their hypergradients for hyper
+  optimizers) and ``eval`` lines (train and val loss on the fixed eval batches);
+* ``ckpt.pt``: model and optimizer ``state_dict``, scheduler state, config, iteration, RNG states
+  and the learned coefficients as floats; plain containers of tensors, so
+  ``torch.load(path, weights_only=True)`` reads it. Written to a temporary file first, then
+  ``os.replace``\\ d, so a crash never leaves a half-written checkpoint. Note that
+  ``HyperOptimizer.state_dict()`` holds the model-level optimizer state only (not the
+  hyper-level state); the coefficients are saved separately as floats;
+* ``summary.json``: what ``run`` returns.
+
+``run(config) -> summary`` is the library entry point (the demo and the comparison suites call
+it); ``main`` parses ``--key=value`` arguments (``experiments.config``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import hypergrad
+import optimizers
+from experiments.config import BUILTIN_OPTIMIZERS, ConfigError, TrainConfig, parse_coefs, parse_config
+from experiments.data import TRAIN_FRACTION, CharCorpus, load_shakespeare
+from experiments.model import CONFIGS, GPT, GPTConfig, count_parameters, param_groups
+
+__all__ = ["run", "main", "make_optimizer", "lr_lambda", "evaluate", "fixed_batches", "load_checkpoint",
+           "manifest", "ADAM_CONVENTION", "optimizer_names"]
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_NAME, CKPT_NAME, SUMMARY_NAME = "log.jsonl", "ckpt.pt", "summary.json"
+
+# Rules whose beta1/beta2 mean what Adam's do (first/second-moment EMA): --beta1/--beta2 apply.
+ADAM_CONVENTION = ("adam", "adamw", "amsgrad", "avgrad", "yogi", "adan", "nadam", "mada")
+# Short names of learned coefficients for the progress bar.
+_SHORT = {"beta1": "b1", "beta2": "b2", "beta3": "b3", "gamma": "gam"}
+
+
+def optimizer_names() -> Tuple[str, ...]:
+    """Every value ``--optimizer`` accepts (``rule:<name>`` for each rule as well)."""
+    rules = sorted(optimizers.RULES)
+    return (*BUILTIN_OPTIMIZERS, *[r for r in rules if r not in BUILTIN_OPTIMIZERS], *[f"rule:{r}" for r in rules])
+
+
+# ------------------------------------------------------------------------------------------ pieces
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    if cfg.model not in CONFIGS:
+        raise ConfigError(f"model={cfg.model!r}: unknown; allowed: {sorted(CONFIGS)}")
+    base = CONFIGS[cfg.model]
+    if not isinstance(base, GPTConfig):
+        raise ConfigError(f"model={cfg.model!r} is not a GPT config")
+    fields = dataclasses.asdict(base)
+    fields["vocab_size"] = vocab_size
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "dropout"):
+        if getattr(cfg, name) is not None:
+            fields[name] = getattr(cfg, name)
+    try:
+        return GPTConfig(**fields)
+    except ValueError as err:
+        raise ConfigError(f"model {cfg.model!r} with overrides: {err}") from None
+
+
+def make_optimizer(cfg: TrainConfig, groups: List[dict]) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``groups`` (see the module docstring)."""
+    name = cfg.optimizer
+    coefs = parse_coefs(cfg.coefs)
+    betas = {"beta1": cfg.beta1, "beta2": cfg.beta2}
+    if name == "adamw":
+        extra = {k: coefs.pop(k) for k in ("eps",) if k in coefs}
+        if coefs:
+            raise ConfigError(f"coefs={cfg.coefs!r}: torch.optim.AdamW takes only eps here, not {sorted(coefs)}")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                 **extra)
+    if name in ("mada", "hyperadam"):
+        cls = hypergrad.MADA if name == "mada" else hypergrad.HyperAdam
+        try:
+            return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       tower=hypergrad.Level("adam", lr=cfg.hyper_lr), warmup=cfg.hyper_warmup,
+                       clip_hypergrad=cfg.clip_hypergrad, **{**betas, **coefs})
+        except ValueError as err:
+            raise ConfigError(f"optimizer={name!r}, coefs={cfg.coefs!r}: {err}") from None
+    rule = name[len("rule:"):] if name.startswith("rule:") else name
+    if rule not in optimizers.RULES:
+        raise ConfigError(f"optimizer={name!r}: unknown; allowed: {', '.join(optimizer_names())}")
+    kwargs = {**(betas if rule in ADAM_CONVENTION else {}), **coefs}
+    try:
+        return optimizers.build_optimizer(rule, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"optimizer={name!r}, coefs={cfg.coefs!r}: {err}") from None
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of ``cfg.lr`` at iteration ``it`` (0-based): linear warm-up, cosine to ``min_lr_ratio``.
+
+    Warm-up: ``(it + 1) / (warmup_iters + 1)`` for ``it < warmup_iters`` (never 0, as nanoGPT);
+    then ``min + (1 - min) * (1 + cos(pi * progress)) / 2`` over ``[warmup_iters, decay_iters]``;
+    ``min_lr_ratio`` after ``decay_iters``.
+    """
+    warmup, decay, floor = cfg.warmup_iters, cfg.decay_iters, cfg.min_lr_ratio
+
+    def f(it: int) -> float:
+        if it < warmup:
+            return (it + 1) / (warmup + 1)
+        if it >= decay:
+            return floor
+        progress = (it - warmup) / max(decay - warmup, 1)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def fixed_batches(corpus: CharCorpus, split: str, n: int, batch_size: int, block_size: int,
+                  seed: int) -> List[Tuple[Tensor, Tensor]]:
+    """``n`` batches drawn once from ``split`` with their own generator: identical across runs."""
+    gen = torch.Generator().manual_seed(seed)
+    return [corpus.get_batch(split, batch_size, block_size, gen) for _ in range(n)]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[Tuple[Tensor, Tensor]]) -> float:
+    """Mean loss over ``batches`` in eval mode (no dropout); restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    total = sum(model(x, y)[1].item() for x, y in batches)
+    model.train(was_training)
+    return total / len(batches)
+
+
+def _learned(opt: torch.optim.Optimizer) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(coefficients, hypergradients) as floats for a hyper optimizer; ({}, {}) otherwise."""
+    if not isinstance(opt, hypergrad.HyperOptimizer):
+        return {}, {}
+    coefs = {k: float(v) for k, v in opt.coefficients().items()}
+    grads = {k: float(v) for k, v in opt.hypergradients().items()}
+    return coefs, grads
+
+
+def _finite(x: Optional[float]) -> Optional[float]:
+    """JSON has no NaN/inf: non-finite numbers are logged as null (and the run marked diverged)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def git_commit() -> Dict[str, Any]:
+    """``{"commit": HEAD or None, "dirty": bool or None}`` from ``git`` in the repository root."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return {"commit": head, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    out: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for dist in ("torch", "numpy", "tqdm", "matplotlib", "hypergrad", "shakespeare"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def manifest(cfg: TrainConfig, gpt: GPTConfig, n_params: int, corpus: CharCorpus) -> Dict[str, Any]:
+    """What the run depends on; nothing machine-identifying beyond CPU count and thread count."""
+    return {
+        "type": "manifest",
+        "git": git_commit(),
+        "config": dataclasses.asdict(cfg),
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "model": {**dataclasses.asdict(gpt), "n_params": n_params},
+        "data": {"texts": len(corpus.files), "train_chars": len(corpus.train), "val_chars": len(corpus.val),
+                 "vocab_size": corpus.vocab_size, "train_fraction": TRAIN_FRACTION},
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "argv": list(sys.argv[1:]),
+    }
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: Path, **payload) -> None:
+    """``torch.save`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
+    """A checkpoint written by ``run``, read with ``weights_only=True`` (no pickled objects)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class JsonlLog:
+    """Append-only JSON lines, flushed after each line (a killed run keeps what it logged)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "w", encoding="utf-8")
+
+    def write(self, record: Dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]:
+    """Train one GPT as ``cfg`` says; return (and write to ``out_dir/summary.json``) the summary.
+
+    The summary holds final and best train/val loss (on the fixed eval batches), the iteration of
+    the best val loss, wall time of the whole run, training time (forward, backward, clipping and
+    step only) and ms per step, the final learned coefficients, and the output paths.
+    """
+    wall_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = load_shakespeare() if corpus is None else corpus
+    gpt = model_config(cfg, corpus.vocab_size)
+    T = gpt.block_size
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Seeding: the model init and dropout use torch's global generator seeded with cfg.seed; the
+    # training batches come from their own generator with the same seed, so two optimizers of the
+    # same seed see the same initial weights and the same batches. The eval batches depend on
+    # eval_seed only: every run of every seed is scored on the same text.
+    torch.manual_seed(cfg.seed)
+    model = GPT(gpt)
+    model.train()
+    n_params = count_parameters(model)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    eval_sets = {split: fixed_batches(corpus, split, cfg.eval_iters, cfg.eval_batch_size, T, cfg.eval_seed + i)
+                 for i, split in enumerate(("train", "val"))}
+
+    opt = make_optimizer(cfg, param_groups(model, cfg.weight_decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    hyper = isinstance(opt, hypergrad.HyperOptimizer)
+
+    jlog = JsonlLog(out_dir / LOG_NAME)
+    jlog.write(manifest(cfg, gpt, n_params, corpus))
+    log.info("%s: %s GPT, %d parameters, %d iters of %d x %d x %d tokens, lr %.2e -> %s",
+             cfg.optimizer, cfg.model, n_params, cfg.max_iters, cfg.grad_accum, cfg.batch_size, T, cfg.lr, out_dir)
+
+    ckpt_path = out_dir / CKPT_NAME
+    evals: List[Dict[str, Any]] = []
+    train_s = 0.0
+    diverged = False
+    it = 0
+    last_loss = float("nan")
+
+    def do_eval(iteration: int) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        rec = {"type": "eval", "iter": iteration,
+               **{f"{s}_loss": _finite(evaluate(model, b)) for s, b in eval_sets.items()},
+               "train_s": train_s,
+               "elapsed_s": time.perf_counter() - wall_start}
+        rec["eval_s"] = time.perf_counter() - t0
+        if hyper:
+            rec["coefficients"] = _learned(opt)[0]
+        evals.append(rec)
+        jlog.write(rec)
+        return rec
+
+    def checkpoint(iteration: int) -> None:
+        if not cfg.checkpoint:
+            return
+        coefs = _learned(opt)[0]
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), config=dataclasses.asdict(cfg), iter=iteration,
+                        coefficients=coefs, evals=[{k: v for k, v in e.items() if k != "coefficients"} for e in evals],
+                        rng={"torch": torch.get_rng_state(), "data": data_gen.get_state()})
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_iters, desc=cfg.optimizer, file=sys.stderr, dynamic_ncols=True, leave=True)
+    try:
+        last_eval = do_eval(0)
+        for it in range(cfg.max_iters):
+            lr = opt.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = corpus.get_batch("train", cfg.batch_size, T, data_gen)
+                _, loss = model(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            grad_norm = None
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            train_s += time.perf_counter() - t0
+            last_loss = loss_sum / cfg.grad_accum
+            done = it + 1
+            if not math.isfinite(last_loss):
+                log.warning("%s: non-finite training loss at iter %d; stopping the run", cfg.optimizer, done)
+                diverged = True
+            if done % cfg.log_interval == 0 or done == cfg.max_iters or diverged:
+                coefs, hgrads = _learned(opt)
+                rec = {"type": "iter", "iter": done, "loss": _finite(last_loss), "lr": lr,
+                       "grad_norm": _finite(grad_norm), "train_s": train_s}
+                if hyper:
+                    rec["coefficients"] = coefs
+                    rec["hypergradients"] = {k: _finite(v) for k, v in hgrads.items()}
+                jlog.write(rec)
+            if diverged:
+                break
+            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+                last_eval = do_eval(done)
+            if cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0 and done != cfg.max_iters:
+                checkpoint(done)
+            if bar is not None:
+                bar.update(1)
+                postfix = f"loss={last_loss:.3f} val={last_eval['val_loss'] or float('nan'):.3f} lr={lr:.1e}"
+                if hyper:
+                    postfix += " " + " ".join(f"{_SHORT.get(k, k)}={v:.3f}" for k, v in _learned(opt)[0].items())
+                bar.set_postfix_str(postfix, refresh=False)
+        iters_done = it + 1 if cfg.max_iters else 0
+        if diverged and (not evals or evals[-1]["iter"] != iters_done):
+            do_eval(iters_done)
+        checkpoint(iters_done)
+    finally:
+        if bar is not None:
+            bar.close()
+        jlog.close()
+
+    def best(split: str) -> Tuple[Optional[float], Optional[int]]:
+        scored = [(e[f"{split}_loss"], e["iter"]) for e in evals if e[f"{split}_loss"] is not None]
+        return min(scored) if scored else (None, None)
+
+    (best_train, best_train_iter), (best_val, best_val_iter) = best("train"), best("val")
+    wall = time.perf_counter() - wall_start
+    summary = {
+        "optimizer": cfg.optimizer,
+        "optimizer_repr": "torch.optim.AdamW" if isinstance(opt, torch.optim.AdamW) else repr(opt),
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "n_params": n_params,
+        "iters_done": iters_done,
+        "block_size": T,
+        "tokens_per_iter": cfg.grad_accum * cfg.batch_size * T,
+        "diverged": diverged,
+        "initial_train_loss": evals[0]["train_loss"],
+        "initial_val_loss": evals[0]["val_loss"],
+        "final_train_loss": evals[-1]["train_loss"],
+        "final_val_loss": evals[-1]["val_loss"],
+        "best_train_loss": best_train,
+        "best_train_iter": best_train_iter,
+        "best_val_loss": best_val,
+        "best_val_iter": best_val_iter,
+        "last_minibatch_loss": _finite(last_loss),
+        "wall_s": wall,
+        "train_s": train_s,
+        "eval_s": sum(e["eval_s"] for e in evals),
+        "ms_per_step": 1e3 * train_s / max(iters_done, 1),
+        "coefficients": _learned(opt)[0],
+        "out_dir": str(out_dir),
+        "log": str(out_dir / LOG_NAME),
+        "checkpoint": str(ckpt_path) if cfg.checkpoint else None,
+        "config": dataclasses.asdict(cfg),
+    }
+    (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    log.info("%s: final train %.4f val %.4f (best val %.4f at %s), %.1f s, %.1f ms/step", cfg.optimizer,
+             summary["final_train_loss"] or float("nan"), summary["final_val_loss"] or float("nan"),
+             best_val or float("nan"), best_val_iter, wall, summary["ms_per_step"])
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+        summary = run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    keys = ("final_train_loss", "final_val_loss", "best_train_loss", "best_val_loss", "wall_s", "ms_per_step")
+    print(json.dumps({k: summary[k] for k in ("optimizer", "lr", "iters_done", *keys, "coefficients")}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
