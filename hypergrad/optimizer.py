@@ -23,6 +23,7 @@ The user's loop is the ordinary ``zero_grad(); loss.backward(); step()``; no
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from numbers import Real
@@ -36,11 +37,12 @@ from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param
 
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
 
-__all__ = ["HyperOptimizer", "MADA", "HyperAdam", "HyperSGD", "SHARING", "BACKENDS"]
+__all__ = ["HyperOptimizer", "MADA", "HyperAdam", "HyperSGD", "SHARING", "BACKENDS", "NONFINITE"]
 
 log = logging.getLogger(__name__)
 
 SHARING = ("global", "group", "tensor")
+NONFINITE = ("skip", "raise", "ignore")
 BACKENDS = ("functional", "graph")
 
 
@@ -64,6 +66,11 @@ class HyperOptimizer(RuleOptimizer):
         backend: ``"functional"`` or ``"graph"`` (see module docstring).
         hyper_dtype: dtype of the coefficient vectors (default float64 if any parameter is float64,
             else float32).
+        nonfinite: what a NaN/Inf does. ``"skip"`` (default): a non-finite gradient skips the whole
+            step (counted in ``skipped_steps``), a non-finite hypergradient skips the hyper-step and
+            keeps the coefficients (``skipped_hyper_steps``), a non-finite update is not applied
+            (``skipped_updates``); ``"raise"``: ``FloatingPointError``; ``"ignore"``: no checks (and no
+            host read of a flag per step).
         **coefficients: initial values of the family's coefficients.
     """
 
@@ -71,7 +78,7 @@ class HyperOptimizer(RuleOptimizer):
                  weight_decay_mode: Optional[str] = None, *, learn: Optional[Sequence[str]] = None,
                  tower: Union[Level, Sequence[Level], None] = None, share: str = "global", warmup: int = 0,
                  clip_hypergrad: Optional[float] = None, backend: str = "functional",
-                 hyper_dtype: Optional[torch.dtype] = None, **coefficients):
+                 hyper_dtype: Optional[torch.dtype] = None, nonfinite: str = "skip", **coefficients):
         super().__init__(params, family, lr=lr, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
                          **coefficients)
         fam = self.family
@@ -79,6 +86,9 @@ class HyperOptimizer(RuleOptimizer):
             raise ValueError(f"share must be one of {SHARING}, got {share!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
         if clip_hypergrad is not None and (isinstance(clip_hypergrad, bool) or not isinstance(clip_hypergrad, Real)
@@ -166,11 +176,19 @@ class HyperOptimizer(RuleOptimizer):
         self._level_state = [lv.family.init_state(self._q[k]) for k, lv in enumerate(tower)]
         self._level_steps = [0] * len(tower)
         self._hyper_step = 0
-        self._residual0: Optional[list] = None  # [(params, vjp_fn or delta)] of the last model update
-        self._residuals: List[Optional[object]] = [None] * len(tower)  # level k's last update (k = 1..L-1)
+        # The inputs of the last updates (held fixed by the one-step hypergradient): per bucket of the
+        # model update, and per tower level. The vjp is recomputed from them at the next step, which
+        # keeps no autograd graph alive between steps and lets a checkpoint carry them exactly.
+        self._records0: Optional[List[Dict]] = None
+        self._level_records: List[Optional[Dict]] = [None] * len(tower)
+        self._graph_residual: Optional[list] = None  # graph backend: [(params, Delta in the graph)]
+        self._graph_leaves: List[Tensor] = []
+        self._graph_chain: Optional[List[Tensor]] = None
         self._hypergrads: List[Optional[Tensor]] = [None] * len(tower)
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient
+        self.skipped_hyper_steps = 0  # hyper-steps skipped for a non-finite hypergradient
+        self.skipped_updates = 0  # bucket updates not applied because they were non-finite
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
-        self._graph_q: Optional[List[Tensor]] = None  # graph backend: this step's level vectors, in the graph
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
     # ------------------------------------------------------------------ public views
@@ -196,12 +214,11 @@ class HyperOptimizer(RuleOptimizer):
         return {n: (v[0, i].clone() if layout.sets == 1 else v[:, i].clone()) for i, n in enumerate(layout.names)}
 
     # ------------------------------------------------------------------ hyperparameters of each level
-    def _model_h(self, group: Mapping, params: Sequence[Tensor], q1: Optional[Tensor]) -> Dict[str, object]:
-        """Level-0 hyperparameters of a bucket: learned ones read from ``q1``, the rest from the group."""
-        h: Dict[str, object] = {n: group[n] for n in self.family.coefficients if n not in self.learn}
-        h["weight_decay"] = group["weight_decay"]
-        if "lr" not in self.learn:
-            h["lr"] = group["lr"]
+    def _model_h(self, group: Mapping, params: Sequence[Tensor], q1: Optional[Tensor],
+                 fixed: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
+        """Level-0 hyperparameters of a bucket: learned ones read from ``q1``, the rest ``fixed``
+        (by default the group's current values)."""
+        h: Dict[str, object] = dict(self._fixed_hyperparameters(group) if fixed is None else fixed)
         if q1 is None or not self.learn:
             for n in self.learn:
                 h[n] = group[n]
@@ -244,48 +261,120 @@ class HyperOptimizer(RuleOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._validate_all_groups()
+        if not self._gradients_finite():
+            self.skipped_steps += 1  # x unchanged: the last update's record stays valid for the next gradient
+            return loss
         self._hyper_step += 1
         # 1. Hypergradients of the last updates at the new gradient, then 2. the tower top-down.
-        if self._residual0 is not None:
+        if self._records0 is not None:
             d = self._collect_hypergradients()
-            self._graph_q = None
-            self._hypergrads = [x.detach() for x in d]
-            self._update_tower(d)
-        # 3. The model update with the current coefficients, recording its residual when the next
+            if self._hypergradients_finite(d):
+                self._hypergrads = [x.detach() for x in d]
+                self._update_tower(d)
+            else:
+                self.skipped_hyper_steps += 1
+        # 3. The model update with the current coefficients, recording its inputs when the next
         #    step will learn from it.
         record = self._hyper_step >= self.warmup
         self._model_update(record)
         return loss
 
-    def _cotangent(self, params: Sequence[Tensor]) -> Tensor:
+    # ------------------------------------------------------------------ non-finite values
+    def _gradients_finite(self) -> bool:
+        """Policy for NaN/Inf gradients (``nonfinite``): one host read per step unless ``"ignore"``."""
+        if self.nonfinite == "ignore":
+            return True
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return True
+        if self.nonfinite == "raise":
+            bad = [(gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            raise FloatingPointError(f"non-finite gradient in (param group, index) {bad}; "
+                                     f"nonfinite='raise' (use 'skip' to skip such steps)")
+        log.warning("non-finite gradient: step skipped (%d so far)", self.skipped_steps + 1)
+        return False
+
+    def _hypergradients_finite(self, d: List[Tensor]) -> bool:
+        if self.nonfinite == "ignore" or all(bool(torch.isfinite(x).all()) for x in d):
+            return True
+        if self.nonfinite == "raise":
+            bad = [k + 1 for k, x in enumerate(d) if not bool(torch.isfinite(x).all())]
+            raise FloatingPointError(f"non-finite hypergradient at tower level(s) {bad}; nonfinite='raise'")
+        log.warning("non-finite hypergradient: hyper-step skipped, coefficients kept (%d so far)",
+                    self.skipped_hyper_steps + 1)
+        return False
+
+    # ------------------------------------------------------------------ the pure functions of the last updates
+    def _model_fn(self, rec: Dict):
+        """``q -> Delta`` for the bucket update recorded in ``rec`` (its inputs held fixed)."""
+        group = self.param_groups[rec["group"]]
+
+        def fn(q):
+            h = self._model_h(group, rec["params"], q, fixed=rec["fixed"])
+            delta, _ = displacement(self.family, rec["g"], rec["state"], rec["x"], h, rec["t"], rec["mode"])
+            return delta
+
+        return fn
+
+    def _level_fn(self, k: int, rec: Dict):
+        """``q_{k+1} -> q_k`` for the tower update of level k recorded in ``rec``."""
+        lv = self.tower[k]
+        lows, highs = self._bounds[k]
+
+        def fn(q_next):
+            q_new, _ = level_update(lv.family, rec["q_old"], rec["g"], rec["state"], self._level_h(k, q_next), rec["t"],
+                                    lv.family.weight_decay_mode, lows, highs, self._scales[k])
+            return q_new
+
+        return fn
+
+    def _cotangent(self, params: Sequence[Tensor], dtype) -> Tensor:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        return flatten(grads, copy=True)
+        return flatten(grads, copy=True).to(dtype)
 
     def _collect_hypergradients(self) -> List[Tensor]:
         L = len(self.tower)
-        if self.backend == "functional":
-            d1 = torch.zeros_like(self._q[0])
-            for params, vjp_fn in self._residual0:
-                (g_q,) = vjp_fn(self._cotangent(params).to(self._residual_dtype(params)))
-                d1 = d1 + g_q
-            d = [d1]
-            for k in range(1, L):
-                if self._residuals[k] is None:  # level k has not moved yet: q_k does not depend on q_{k+1}
-                    d.append(torch.zeros_like(self._q[k]))
-                else:
-                    (g_q,) = self._residuals[k](d[k - 1])
-                    d.append(g_q)
-            return d
-        # graph backend: one backward through every level's last update
-        with torch.enable_grad():
-            surrogate = sum((self._cotangent(params).to(delta.dtype) * delta).sum() for params, delta in self._residual0)
-            inputs = [self._graph_q[k] for k in range(L)]
-            grads = torch.autograd.grad(surrogate, inputs, allow_unused=True)
-        return [torch.zeros_like(self._q[k]) if g is None else g for k, g in enumerate(grads)]
+        if self.backend == "graph":
+            if self._graph_residual is None:  # after load_state_dict: rebuild the kept graph from the records
+                self._rebuild_graph()
+            with torch.enable_grad():
+                surrogate = sum((self._cotangent(params, delta.dtype) * delta).sum()
+                                for params, delta in self._graph_residual)
+                grads = torch.autograd.grad(surrogate, self._graph_leaves, allow_unused=True)
+            return [torch.zeros_like(self._q[k]) if g is None else g for k, g in enumerate(grads)]
+        # functional backend: the fold of vjps, each recomputing its update from the recorded inputs
+        d1 = torch.zeros_like(self._q[0])
+        for rec in self._records0:
+            _, vjp_fn = torch.func.vjp(self._model_fn(rec), self._q[0])
+            (g_q,) = vjp_fn(self._cotangent(rec["params"], rec["g"].dtype))
+            d1 = d1 + g_q
+        d = [d1]
+        for k in range(1, L):
+            rec = self._level_records[k - 1]
+            if rec is None:  # level k has not moved yet: q_k does not depend on q_{k+1}
+                d.append(torch.zeros_like(self._q[k]))
+                continue
+            _, vjp_fn = torch.func.vjp(self._level_fn(k - 1, rec), self._q[k])
+            (g_q,) = vjp_fn(d[k - 1])
+            d.append(g_q)
+        return d
 
-    @staticmethod
-    def _residual_dtype(params):
-        return params[0].dtype
+    def _rebuild_graph(self):
+        """Recompute the last updates in the autograd graph (same inputs, same numbers)."""
+        L = len(self.tower)
+        with torch.enable_grad():
+            leaves = [q.detach().requires_grad_(True) for q in self._q]
+            current = leaves[L - 1] if L else None
+            chain: List[Optional[Tensor]] = [None] * L
+            if L:
+                chain[L - 1] = current
+            for k in reversed(range(L - 1)):
+                rec = self._level_records[k]
+                chain[k] = self._level_fn(k, rec)(chain[k + 1]) if rec is not None else leaves[k]
+            self._graph_leaves = [chain[k] if chain[k] is not None else leaves[k] for k in range(L)]
+            self._graph_residual = [(rec["params"], self._model_fn(rec)(self._graph_leaves[0]))
+                                    for rec in self._records0]
 
     def _clip(self, d: Tensor) -> Tensor:
         return d if self.clip_hypergrad is None else torch.clamp(d, -self.clip_hypergrad, self.clip_hypergrad)
@@ -294,37 +383,26 @@ class HyperOptimizer(RuleOptimizer):
         L = len(self.tower)
         graph = self.backend == "graph"
         new_q: List[Optional[Tensor]] = [None] * L
-        graph_q: List[Optional[Tensor]] = [None] * L
+        chain: List[Optional[Tensor]] = [None] * L
         for k in reversed(range(L)):  # level k+1 updates q[k] with hyperparameters from q[k+1]
             lv = self.tower[k]
             self._level_steps[k] += 1
-            t = float(self._level_steps[k])
+            rec = {"q_old": self._q[k].detach(), "g": self._clip(d[k].detach()), "state": self._level_state[k],
+                   "t": float(self._level_steps[k])}
             lows, highs = self._bounds[k]
-            g = self._clip(d[k].detach())
-            q_old = self._q[k].detach()
-            state = self._level_state[k]
-
-            def fn(q_next, k=k, lv=lv, g=g, q_old=q_old, state=state, t=t, lows=lows, highs=highs):
-                return level_update(lv.family, q_old, g, state, self._level_h(k, q_next), t, lv.family.weight_decay_mode,
-                                    lows, highs, self._scales[k])
-
-            if k == L - 1:  # top level: fixed hyperparameters
-                q_new, new_state = fn(None)
-                if graph:
-                    graph_q[k] = q_new.detach().requires_grad_(True)
-            elif graph:
-                with torch.enable_grad():
-                    q_new, new_state = fn(graph_q[k + 1])
-                graph_q[k] = q_new
-                new_state = {n: v.detach() for n, v in new_state.items()}
-            else:
-                q_new, vjp_fn, new_state = torch.func.vjp(fn, new_q[k + 1], has_aux=True)
-                self._residuals[k + 1] = vjp_fn
+            q_next = None if k == L - 1 else (chain[k + 1] if graph else new_q[k + 1])
+            with torch.enable_grad() if graph else contextlib.nullcontext():
+                q_new, new_state = level_update(lv.family, rec["q_old"], rec["g"], rec["state"],
+                                                self._level_h(k, q_next), rec["t"], lv.family.weight_decay_mode,
+                                                lows, highs, self._scales[k])
+            if graph:
+                chain[k] = q_new if k < L - 1 else q_new.detach().requires_grad_(True)
+            self._level_records[k] = rec if k < L - 1 else None  # the top level depends on nothing learned
             new_q[k] = self._apply_perturbation(k, q_new.detach())
-            self._level_state[k] = new_state
+            self._level_state[k] = {n: v.detach() for n, v in new_state.items()}
         self._q = new_q
         if graph:
-            self._graph_q = graph_q
+            self._graph_chain = chain
 
     def _apply_perturbation(self, k: int, q: Tensor) -> Tensor:
         """Finite-difference hook (``gradcheck``): shift entry ``i`` of level ``k``'s fresh vector once."""
@@ -336,47 +414,138 @@ class HyperOptimizer(RuleOptimizer):
         return q
 
     def _model_update(self, record: bool):
-        graph = self.backend == "graph"
+        graph = self.backend == "graph" and record
         if self._perturbation is not None and self._perturbation[0] == 0:  # the tower did not move this step
             self._q[0] = self._apply_perturbation(0, self._q[0])
-        q1 = self._q[0]
-        if graph and record:
-            if self._graph_q is None:  # the tower did not move this step: fresh leaves
-                self._graph_q = [q.detach().requires_grad_(True) for q in self._q]
-            q1 = self._graph_q[0]
-        residual = []
+        if graph:
+            # this step's tower updates, in the graph; fresh leaves when the tower did not move
+            chain = self._graph_chain or [q.detach().requires_grad_(True) for q in self._q]
+            self._graph_leaves = chain
+            q1 = chain[0]
+        else:
+            q1 = self._q[0]
+        self._graph_chain = None
+        records, graph_residual = [], []
         for gi, group in enumerate(self.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
             for (_, _, step), params in self._partition(with_grad).items():
                 bucket = self._bucket(params)
-                t = float(step + 1)
                 mode = group["weight_decay_mode"]
-                flat_g = flatten([p.grad for p in params], copy=True)
-                flat_x = flatten(params, copy=True) if needs_param(self.family, group["weight_decay"], mode) else None
-                state = dict(bucket.flat)
-
-                def fn(q, group=group, params=params, flat_g=flat_g, state=state, flat_x=flat_x, t=t, mode=mode):
-                    h = self._model_h(group, params, q)
-                    return displacement(self.family, flat_g, state, flat_x, h, t, mode)
-
-                if not record:
-                    delta, new_state = fn(q1)
-                elif graph:
-                    with torch.enable_grad():
-                        delta, new_state = fn(q1)
-                    residual.append((params, delta))
+                rec = {"params": params, "group": gi, "t": float(step + 1), "mode": mode,
+                       "fixed": self._fixed_hyperparameters(group),
+                       "g": flatten([p.grad for p in params], copy=True),
+                       "x": flatten(params, copy=True) if needs_param(self.family, group["weight_decay"], mode) else None,
+                       "state": dict(bucket.flat)}
+                with torch.enable_grad() if graph else contextlib.nullcontext():
+                    h = self._model_h(group, params, q1, fixed=rec["fixed"])
+                    delta, new_state = displacement(self.family, rec["g"], rec["state"], rec["x"], h, rec["t"], mode)
+                if graph:
+                    graph_residual.append((params, delta))
                     delta = delta.detach()
                     new_state = {n: v.detach() for n, v in new_state.items()}
-                else:
-                    delta, vjp_fn, new_state = torch.func.vjp(fn, q1, has_aux=True)
-                    residual.append((params, vjp_fn))
+                if self.nonfinite != "ignore" and not bool(torch.isfinite(delta).all()):
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(f"non-finite update in param group {gi}; nonfinite='raise'")
+                    log.warning("non-finite update in param group %d: those parameters are not moved", gi)
+                    self.skipped_updates += 1
+                    continue
                 torch._foreach_add_(list(params), unflatten_like(delta.to(params[0].dtype), params))
                 self._install_state(bucket, new_state)
                 for p in params:
                     self.state[p]["step"] = step + 1
-        self._residual0 = residual if record else None
+                records.append(rec)
+        self._records0 = records if record else None
+        self._graph_residual = graph_residual if graph else None
+
+    def _fixed_hyperparameters(self, group) -> Dict[str, object]:
+        """The group's non-learned hyperparameters as used now (a scheduler may change them later)."""
+        fixed = {n: group[n] for n in self.family.coefficients if n not in self.learn}
+        fixed["weight_decay"] = group["weight_decay"]
+        if "lr" not in self.learn:
+            lr = group["lr"]
+            fixed["lr"] = lr.detach().clone() if isinstance(lr, Tensor) else lr
+        return fixed
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """torch's optimizer state plus ``"hyper"``: coefficient vectors, tower buffers, counters and the
+        recorded inputs of the last updates (so a resumed run learns from its next gradient exactly as an
+        uninterrupted one). Tensors, numbers and strings only: loads with ``torch.load(weights_only=True)``.
+        """
+        sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+        def pack_model(rec):
+            out = {k: v for k, v in rec.items() if k not in ("params", "x", "fixed")}
+            out["params"] = [index[id(p)] for p in rec["params"]]
+            out["fixed"] = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in rec["fixed"].items()}
+            if rec["x"] is not None:
+                out["x"] = rec["x"]
+            return out
+
+        sd["hyper"] = {
+            "signature": self._signature(),
+            "q": [q.detach().clone() for q in self._q],
+            "level_state": [dict(s) for s in self._level_state],
+            "level_steps": list(self._level_steps),
+            "hyper_step": self._hyper_step,
+            "hypergrads": [d for d in self._hypergrads if d is not None] if all(d is not None for d in self._hypergrads) else [],
+            "skipped_steps": self.skipped_steps,
+            "skipped_hyper_steps": self.skipped_hyper_steps,
+            "skipped_updates": self.skipped_updates,
+            "records0": None if self._records0 is None else [pack_model(r) for r in self._records0],
+            "level_records": [r if r is None else dict(r) for r in self._level_records],
+        }
+        return sd
+
+    def _signature(self) -> Dict[str, object]:
+        return {"family": self.family.name, "learn": list(self.learn), "share": self.share,
+                "sizes": [len(q) for q in self._q],
+                "tower": [[lv.family.name, list(lv.learn)] for lv in self.tower]}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        hyper = state_dict.pop("hyper", None)
+        if hyper is None:
+            raise ValueError("state_dict has no 'hyper' entry: it was not saved by a HyperOptimizer")
+        if hyper.get("signature") != self._signature():
+            raise ValueError(f"state_dict belongs to a different hyper-optimizer: saved {hyper.get('signature')}, "
+                             f"this one is {self._signature()} (family, learned coefficients, sharing and tower must match)")
+        for k, (q_saved, q_now) in enumerate(zip(hyper["q"], self._q)):
+            if q_saved.shape != q_now.shape:
+                raise ValueError(f"state_dict coefficient vector {k} has shape {tuple(q_saved.shape)}, "
+                                 f"expected {tuple(q_now.shape)}")
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        dtype, device = self.hyper_dtype, self.hyper_device
+        self._q = [q.detach().to(dtype=dtype, device=device).clone() for q in hyper["q"]]
+        self._level_state = [{n: v.detach().to(device).clone() for n, v in s.items()} for s in hyper["level_state"]]
+        self._level_steps = [int(x) for x in hyper["level_steps"]]
+        self._hyper_step = int(hyper["hyper_step"])
+        self._hypergrads = ([d.detach().clone() for d in hyper["hypergrads"]] if hyper["hypergrads"]
+                            else [None] * len(self.tower))
+        self.skipped_steps = int(hyper["skipped_steps"])
+        self.skipped_hyper_steps = int(hyper["skipped_hyper_steps"])
+        self.skipped_updates = int(hyper["skipped_updates"])
+        if hyper["records0"] is None:
+            self._records0 = None
+        else:
+            records = []
+            for rec in hyper["records0"]:
+                ps = [params[i] for i in rec["params"]]
+                records.append({"params": ps, "group": int(rec["group"]), "t": float(rec["t"]), "mode": rec["mode"],
+                                "fixed": dict(rec["fixed"]), "g": rec["g"].detach().to(ps[0].device).clone(),
+                                "x": rec["x"].detach().clone() if "x" in rec else None,
+                                "state": {n: v.detach().clone() for n, v in rec["state"].items()}})
+            self._records0 = records
+        self._level_records = [None if r is None else {"q_old": r["q_old"].detach().clone(), "g": r["g"].detach().clone(),
+                                                       "state": {n: v.detach().clone() for n, v in r["state"].items()},
+                                                       "t": float(r["t"])}
+                               for r in hyper["level_records"]]
+        self._graph_residual = None
+        self._graph_chain = None
 
     def __repr__(self):
         return (f"HyperOptimizer({self.family.name}, learn={list(self.learn)}, tower={self.tower}, "

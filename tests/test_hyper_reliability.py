@@ -1,0 +1,130 @@
+"""HyperOptimizer checkpoints resume exactly; non-finite values never reach the model or the coefficients."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import hypergrad as H
+from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
+
+
+def _tower():
+    return [H.Level("adam", lr=1e-3, learn=["lr"]), H.Level("sgd", lr=1e-4, momentum=0.5, learn=["lr"]),
+            H.Level("sgd", lr=1e-6)]
+
+
+def _make(backend, model):
+    return H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, backend=backend,
+                            tower=_tower(), **MADA_INTERIOR)
+
+
+def _steps(model, opt, loss_fns):
+    for loss_fn in loss_fns:
+        opt.zero_grad()
+        loss_fn(model).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", ["functional", "graph"])
+def test_state_dict_resume_is_exact(backend):
+    model, loss_fns = builtin_problem(16, seed=5)
+    opt = _make(backend, model)
+    _steps(model, opt, loss_fns[:8])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    _steps(model, opt, loss_fns[8:])
+
+    resumed_model, _ = builtin_problem(16, seed=99)  # different weights until loaded
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = _make(backend, resumed_model)
+    resumed.load_state_dict(saved["opt"])
+    _steps(resumed_model, resumed, loss_fns[8:])
+
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    for qa, qb in zip(opt._q, resumed._q):
+        assert torch.equal(qa, qb)
+    for da, db in zip(opt.tower_hypergradients(), resumed.tower_hypergradients()):
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_load_refuses_a_different_hyper_optimizer():
+    model, loss_fns = builtin_problem(3, seed=0)
+    opt = _make("functional", model)
+    _steps(model, opt, loss_fns)
+    other = H.MADA(model.parameters(), lr=1e-2)  # depth-1 tower
+    with pytest.raises(ValueError, match="different hyper-optimizer"):
+        other.load_state_dict(opt.state_dict())
+    plain = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="hyper"):
+        H.MADA(model.parameters()).load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["functional", "graph"])
+def test_nan_gradient_skips_the_step(backend):
+    model, loss_fns = builtin_problem(6, seed=0)
+    opt = _make(backend, model)
+    _steps(model, opt, loss_fns[:3])
+    before = [p.detach().clone() for p in model.parameters()]
+    q_before = [q.clone() for q in opt._q]
+    opt.zero_grad()
+    loss_fns[3](model).backward()
+    model.fc1.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(q_before, opt._q))
+    _steps(model, opt, loss_fns[4:])  # training continues from the last good update
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(q).all() for q in opt._q)
+
+
+def test_nan_hypergradient_keeps_coefficients(monkeypatch):
+    model, loss_fns = builtin_problem(6, seed=0)
+    opt = _make("functional", model)
+    _steps(model, opt, loss_fns[:3])
+    q_before = [q.clone() for q in opt._q]
+    real = H.HyperOptimizer._collect_hypergradients
+
+    def poisoned(self):
+        d = real(self)
+        d[1] = d[1] * float("inf")  # level 2's hypergradient overflows
+        return d
+
+    monkeypatch.setattr(H.HyperOptimizer, "_collect_hypergradients", poisoned)
+    before = [p.detach().clone() for p in model.parameters()]
+    _steps(model, opt, loss_fns[3:4])
+    assert opt.skipped_hyper_steps == 1 and opt.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(q_before, opt._q))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model still trains
+    monkeypatch.setattr(H.HyperOptimizer, "_collect_hypergradients", real)
+    _steps(model, opt, loss_fns[4:])
+    assert not all(torch.equal(a, b) for a, b in zip(q_before, opt._q))
+
+
+def test_nonfinite_update_is_not_applied():
+    """Finite gradient, non-finite update (a family dividing by g): the parameters must not move."""
+    import optimizers as O
+
+    family = O.Family("inverse", [O.Coefficient("a", 1.0, O.Interval(0.0, 2.0))], O.Coef("a") / O.grad)
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = H.HyperOptimizer([p], family, lr=1e-2, tower=H.Level("sgd", lr=1e-3))
+    p.grad = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    opt.step()
+    assert opt.skipped_updates == 1 and opt.skipped_steps == 0
+    assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
+
+
+def test_nonfinite_raise_policy():
+    model, loss_fns = builtin_problem(2, seed=0)
+    opt = H.MADA(model.parameters(), lr=1e-2, nonfinite="raise")
+    opt.zero_grad()
+    loss_fns[0](model).backward()
+    model.fc2.bias.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    with pytest.raises(ValueError, match="nonfinite"):
+        H.MADA(model.parameters(), nonfinite="clamp")
