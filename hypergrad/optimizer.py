@@ -35,6 +35,7 @@ from torch import Tensor
 from optimizers import Family, Interval, Positive, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
 
+from .fused import HyperKernels
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
 
 __all__ = ["HyperOptimizer", "MADA", "HyperAdam", "HyperSGD", "SHARING", "BACKENDS", "NONFINITE"]
@@ -78,9 +79,10 @@ class HyperOptimizer(RuleOptimizer):
                  weight_decay_mode: Optional[str] = None, *, learn: Optional[Sequence[str]] = None,
                  tower: Union[Level, Sequence[Level], None] = None, share: str = "global", warmup: int = 0,
                  clip_hypergrad: Optional[float] = None, backend: str = "functional",
-                 hyper_dtype: Optional[torch.dtype] = None, nonfinite: str = "skip", **coefficients):
+                 hyper_dtype: Optional[torch.dtype] = None, nonfinite: str = "skip", fused: bool = False,
+                 **coefficients):
         super().__init__(params, family, lr=lr, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-                         **coefficients)
+                         fused=fused, **coefficients)
         fam = self.family
         if share not in SHARING:
             raise ValueError(f"share must be one of {SHARING}, got {share!r}")
@@ -120,6 +122,14 @@ class HyperOptimizer(RuleOptimizer):
             if n != "lr" and not isinstance(fam.coefficients[n].domain, (Interval, Positive)):
                 raise ValueError(f"learn: coefficient {n!r} lives on {fam.coefficients[n].domain.describe()}; "
                                  f"only interval-valued coefficients can be learned (fix it, or leave it out of learn)")
+        if fused and learn:
+            if "lr" in learn:
+                raise ValueError("fused=True with 'lr' in learn is not supported (the record would need a copy "
+                                 "of x); use fused=False")
+            if backend != "functional":
+                raise ValueError("fused=True runs the functional backend; backend='graph' needs fused=False")
+            if fam.uses_param:
+                raise ValueError(f"fused=True: family {fam.name!r} reads the parameter; use fused=False")
         self.learn = tuple(dict.fromkeys(learn))
         self.tower: List[Level] = tower
         self.share = share
@@ -188,6 +198,9 @@ class HyperOptimizer(RuleOptimizer):
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
         self.skipped_hyper_steps = 0  # hyper-steps skipped for a non-finite hypergradient
         self.skipped_updates = 0  # bucket updates not applied because they were non-finite
+        self._hyper_kernels: Dict[str, HyperKernels] = {}
+        self._double: Dict[Tuple[int, ...], Dict] = {}  # fused path: spare buffers and gradient record per bucket
+        self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
@@ -344,8 +357,8 @@ class HyperOptimizer(RuleOptimizer):
                 grads = torch.autograd.grad(surrogate, self._graph_leaves, allow_unused=True)
             return [torch.zeros_like(self._q[k]) if g is None else g for k, g in enumerate(grads)]
         # functional backend: the fold of vjps, each recomputing its update from the recorded inputs
-        d1 = torch.zeros_like(self._q[0])
-        for rec in self._records0:
+        d1 = self._fused_d1() if self.fused else torch.zeros_like(self._q[0])
+        for rec in ([] if self.fused else self._records0):
             _, vjp_fn = torch.func.vjp(self._model_fn(rec), self._q[0])
             (g_q,) = vjp_fn(self._cotangent(rec["params"], rec["g"].dtype))
             d1 = d1 + g_q
@@ -413,7 +426,99 @@ class HyperOptimizer(RuleOptimizer):
             q[i] += amount
         return q
 
+    # ------------------------------------------------------------------ fused path
+    def _hyper_kernel(self, mode: str) -> HyperKernels:
+        kern = self._hyper_kernels.get(mode)
+        if kern is None:
+            kern = self._hyper_kernels[mode] = HyperKernels(self.family, mode, self.learn)
+        return kern
+
+    def _set_indices(self, p: Tensor) -> Tensor:
+        """Entries of the level-1 vector holding this tensor's coefficients."""
+        s = self._param_set[id(p)]
+        idx = self._set_index.get(s)
+        if idx is None:
+            lay = self._layouts[0]
+            idx = self._set_index[s] = torch.tensor([lay.index(s, n) for n in self.learn], device=self.hyper_device)
+        return idx
+
+    @staticmethod
+    def _flat_view(t: Tensor) -> Tensor:
+        return t.view(-1) if t.is_contiguous() else t
+
+    def _scalars(self, values: Mapping[str, object], ref: Tensor) -> Dict[str, Tensor]:
+        return {k: (v.detach().to(ref.device, torch.float64).reshape(()) if isinstance(v, Tensor)
+                    else torch.tensor(float(v), dtype=torch.float64, device=ref.device)) for k, v in values.items()}
+
+    def _fused_d1(self) -> Tensor:
+        """Level-1 hypergradient from the compiled per-tensor vjp kernels."""
+        d1 = torch.zeros_like(self._q[0])
+        for rec in self._records0:
+            params = rec["params"]
+            kern = self._hyper_kernel(rec["mode"])
+            fixed = self._scalars(rec["fixed"], params[0])
+            t = torch.tensor(rec["t"], dtype=torch.float64, device=params[0].device)
+            g_views = unflatten_like(rec["g"], params)
+            state_views = {n: unflatten_like(rec["state"][n], params) for n in self.family.state_names}
+            for i, p in enumerate(params):
+                cot = p.grad if p.grad is not None else torch.zeros_like(p)
+                idx = self._set_indices(p)
+                same = p.is_contiguous() and cot.is_contiguous()
+                shape = (lambda v: v.view(-1)) if same else (lambda v: v)
+                partial = kern.partial_hypergradient(
+                    shape(g_views[i]), [shape(state_views[n][i]) for n in self.family.state_names],
+                    shape(cot.to(rec["g"].dtype) if same else cot.to(rec["g"].dtype).contiguous()),
+                    self._q[0][idx], fixed, t)
+                d1.index_add_(0, idx, partial.to(d1.dtype))
+        return d1
+
+    def _fused_model_update(self, record: bool):
+        records = []
+        for gi, group in enumerate(self.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
+                continue
+            mode = group["weight_decay_mode"]
+            kern = self._hyper_kernel(mode)
+            fixed = self._fixed_hyperparameters(group)
+            scalars = self._scalars(fixed, with_grad[0])
+            for (_, _, step), params in self._partition(with_grad).items():
+                bucket = self._bucket(params)
+                key = tuple(map(id, params))
+                buf = self._double.get(key)
+                if buf is None:
+                    buf = self._double[key] = {
+                        "spare": {n: torch.empty_like(v) for n, v in bucket.flat.items()},
+                        "g": torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                         device=params[0].device)}
+                old, new, g_store = dict(bucket.flat), buf["spare"], buf["g"]
+                t = torch.tensor(float(step + 1), dtype=torch.float64, device=params[0].device)
+                old_v = {n: unflatten_like(old[n], params) for n in self.family.state_names}
+                new_v = {n: unflatten_like(new[n], params) for n in self.family.state_names}
+                g_v = unflatten_like(g_store, params)
+                names = self.family.state_names
+                for i, p in enumerate(params):
+                    h = dict(scalars)
+                    q_sub = self._q[0][self._set_indices(p)]
+                    for j, n in enumerate(self.learn):
+                        h[n] = q_sub[j]
+                    same = p.is_contiguous() and p.grad.is_contiguous()
+                    shape = (lambda v: v.view(-1)) if same else (lambda v: v)
+                    kern.update(shape(p), shape(p.grad if same else p.grad.contiguous()),
+                                [shape(old_v[n][i]) for n in names], [shape(new_v[n][i]) for n in names],
+                                shape(g_v[i]), h, t)
+                self._install_state(bucket, new)
+                buf["spare"] = old
+                for p in params:
+                    self.state[p]["step"] = step + 1
+                records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode, "fixed": fixed,
+                                "g": g_store, "x": None, "state": old})
+        self._records0 = records if record else None
+        self._graph_residual = None
+
     def _model_update(self, record: bool):
+        if self.fused:
+            return self._fused_model_update(record)
         graph = self.backend == "graph" and record
         if self._perturbation is not None and self._perturbation[0] == 0:  # the tower did not move this step
             self._q[0] = self._apply_perturbation(0, self._q[0])

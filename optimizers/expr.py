@@ -216,7 +216,8 @@ class _SafeSqrt(torch.autograd.Function):
     has v = 0 and would turn the hypergradient into inf * 0 = NaN. The limit of the true
     contribution there is 0 (v stays 0 to first order when its gradient is 0). The forward pass is
     a plain ``torch.sqrt``: the fix costs nothing unless something differentiates.
-    Written in the ``setup_context`` style so that ``torch.func`` transforms (vjp, jvp) accept it.
+    Written in the ``setup_context`` style so that ``torch.func.vjp`` accepts it; no custom ``jvp``
+    (``torch.compile`` cannot trace one), so forward-mode AD is not supported through it.
     """
 
     @staticmethod
@@ -226,17 +227,11 @@ class _SafeSqrt(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_out):
         (root,) = ctx.saved_tensors
         return torch.where(root > 0, grad_out / (2 * root), torch.zeros_like(grad_out))
-
-    @staticmethod
-    def jvp(ctx, v_tangent):
-        (root,) = ctx.saved_tensors
-        return torch.where(root > 0, v_tangent / (2 * root), torch.zeros_like(v_tangent))
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,11 @@ class Family:
         self.states: Tuple[E.State, ...] = tuple(s for s in states if s.uid in carried)
         self._check_acyclic(states)
         self._reachable_states = tuple(states)
+        # Built now, not lazily: a compiled kernel tracing update() must not see the family change.
         self._plan = None
         self._frontier = None
+        self._schedule()
+        self._scalar_frontier()
         self.vertices: Dict[str, Dict[str, object]] = {}
         for vname, point in (vertices or {}).items():
             unknown = set(point) - set(declared)

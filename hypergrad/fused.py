@@ -1,0 +1,86 @@
+"""Compiled kernels for hyper-learning on the fused path (``HyperOptimizer(..., fused=True)``).
+
+Two compiled functions per (family, weight-decay mode), each called once per parameter tensor:
+
+* ``partial_hypergradient``: the vjp of the recorded last update at the new gradient,
+  ``g_{t+1}^T dDelta_t/dq`` for one tensor (``torch.func.vjp`` traced by ``torch.compile``: the
+  recomputation of the update and its reverse pass fuse into one reduction over the tensor);
+* ``update``: the model update with the fresh coefficients, reading the old buffers and writing
+  the new ones into the *other* half of a double buffer, the gradient into the record buffer and
+  the parameter in place.
+
+Double buffering is what lets the one-step hypergradient recompute the last update: the buffers
+before it (state_{t-1}) stay intact for one step, then become the destination of the next update.
+"""
+from __future__ import annotations
+
+import types
+from typing import Dict, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from optimizers import Family
+from optimizers.functional import displacement
+
+__all__ = ["HyperKernels"]
+
+_ZERO = None
+
+
+def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed, t):
+    state = dict(zip(names, old_states))
+    zero = torch.zeros((), dtype=g_old.dtype, device=g_old.device)  # x enters the update additively
+
+    def delta_of(qv):
+        h = dict(fixed)
+        for i, n in enumerate(learn):
+            h[n] = qv[i]
+        return displacement(family, g_old, state, zero, h, t, mode)[0]
+
+    _, vjp_fn = torch.func.vjp(delta_of, q)
+    return vjp_fn(cotangent)[0]
+
+
+def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t):
+    state = dict(zip(names, old_states))
+    if mode == "l2":  # the record keeps the effective gradient g + wd x, so no copy of x is needed
+        g = g + h["weight_decay"] * x
+        h = {**h, "weight_decay": torch.zeros_like(h["weight_decay"])}
+    g_store.copy_(g)
+    delta, new_state = displacement(family, g, state, x, h, t, mode)
+    for name, buf in zip(names, new_states):
+        buf.copy_(new_state[name])
+    x.add_(delta)
+
+
+def _compiled(fn, tag: str):
+    # A private code object per kernel: Dynamo bounds the compiled variants cached per code object.
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True, fullgraph=True)
+
+
+class HyperKernels:
+    """The two compiled kernels of one family and weight-decay mode."""
+
+    def __init__(self, family: Family, mode: str, learn: Sequence[str]):
+        if family.uses_param:
+            raise ValueError(f"fused hyper-learning: family {family.name!r} reads the parameter x; use fused=False")
+        if any(s.scalar for s in family.states):
+            raise ValueError(f"fused hyper-learning: family {family.name!r} has scalar buffers; use fused=False")
+        self.family, self.mode, self.learn = family, mode, tuple(learn)
+        self.names = family.state_names
+        tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
+        self._partial = _compiled(_partial, tag)
+        self._update = _compiled(_update, tag)
+
+    def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
+                              fixed: Mapping[str, Tensor], t: Tensor) -> Tensor:
+        if self.mode == "l2":
+            fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
+        return self._partial(self.family, self.mode, self.names, self.learn, g_old, list(old_states), cotangent, q,
+                             dict(fixed), t)
+
+    def update(self, x: Tensor, g: Tensor, old_states: Sequence[Tensor], new_states: Sequence[Tensor], g_store: Tensor,
+               h: Mapping[str, Tensor], t: Tensor):
+        self._update(self.family, self.mode, self.names, x, g, list(old_states), list(new_states), g_store, dict(h), t)
