@@ -128,6 +128,11 @@ for _name, _kwargs in {**RULE_KWARGS, "mada": {}}.items():
 register("mada_hyper", lambda params: hypergrad.MADA(params, lr=LR))
 register("mada_tower2", lambda params: hypergrad.MADA(
     params, lr=LR, tower=[hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]))
+# The same two on the fused path (compiled per-tensor vjp + in-place double-buffered update).
+register("mada_hyper_fused", lambda params: hypergrad.MADA(params, lr=LR, fused=True))
+register("mada_tower2_fused", lambda params: hypergrad.MADA(
+    params, lr=LR, fused=True,
+    tower=[hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]))
 
 
 def _check_rules_covered() -> None:
