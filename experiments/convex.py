@@ -1,7 +1,7 @@
 """The convex counterexample of Reddi et al. (2018), as in the MADA paper (seed 000, eq. 32, figure 8).
 
-    .venv/bin/python -m experiments.convex                      # ~1.5 minutes on one idle CPU core
-    .venv/bin/python -m experiments.convex --steps 3000 --only adam,avgrad
+    .venv/bin/python -m experiments.convex                      # ~70 s of CPU on one core
+    .venv/bin/python -m experiments.convex --steps 3000 --only adam,avgrad,mada_hlr0.1
 
 The online problem on the interval F = [-1, 1]::
 
@@ -18,11 +18,12 @@ rho by hyper-gradient descent; figure 8 of the paper plots its average regret, x
 
 Settings (Reddi et al.'s synthetic experiment): beta1 = 0.9, beta2 = 0.99, step size
 ``alpha_t = alpha / sqrt(t)``, x_1 = 0. ``alpha`` is not given in either paper; ``alpha = 1`` here
-(see experiments/README.md for what other values do). All optimizers are ours: ``RuleOptimizer``
+(experiments/README.md notes what a few other values do). All optimizers are ours: ``RuleOptimizer``
 with the ``adam``, ``amsgrad`` and ``avgrad`` rules, and ``hypergrad.MADA`` learning rho only, from
 rho_0 = 1 (the Adam vertex; beta3 = 0, c = 1, gamma = 1 fixed, so the family is exactly the
-Adam-AVGrad interpolation) with a hyper-level Adam of learning rate ``--hyper-lr``.
-``--mada-learn`` adds other coefficients.
+Adam-AVGrad interpolation), one run per hyper-level learning rate in ``--hyper-lrs`` (hyper-level
+rule ``--hyper-rule``, default Adam; runs are named ``mada_hlr<lr>``). ``--mada-learn`` adds other
+coefficients. AMSGrad/AVGrad "reach -1" asymptotically; at 10k steps they are at -0.80 / -0.92.
 
 Projection onto [-1, 1]: after each step the parameter is clamped IN PLACE under ``no_grad``
 (``x.clamp_(-1, 1)``). The tensor object, the optimizer's reference to it and the optimizer's
@@ -64,7 +65,7 @@ BOUNDS = (-1.0, 1.0)
 
 @dataclass(frozen=True)
 class ConvexConfig:
-    steps: int = 20_000
+    steps: int = 10_000
     alpha: float = 1.0               # alpha_t = alpha / sqrt(t) ("sqrt") or alpha ("constant")
     schedule: str = "sqrt"
     beta1: float = 0.9
@@ -114,7 +115,8 @@ def _mada(hyper_lr: float) -> Factory:
     # is exactly the Adam <-> AVGrad interpolation of the paper's figure 8.
     def make(params, cfg):
         return hypergrad.MADA(params, lr=cfg.alpha, beta1=cfg.beta1, beta2=cfg.beta2, beta3=0.0, c=1.0, gamma=1.0,
-                              rho=cfg.rho0, learn=list(cfg.mada_learn), tower=hypergrad.Level(cfg.hyper_rule, lr=hyper_lr))
+                              rho=cfg.rho0, learn=list(cfg.mada_learn),
+                              tower=hypergrad.Level(cfg.hyper_rule, lr=hyper_lr))
     return make
 
 
@@ -180,6 +182,7 @@ def run_one(name: str, cfg: ConvexConfig, progress: bool = False) -> dict:
         "rho": rho,
         "fixed_rho": fixed_rho,
         "optimizer": repr(opt),
+        "optimizer_object": opt,
         "wall_s": wall,
         "parameter": x,
         "state": opt.state[x],
@@ -228,19 +231,22 @@ def plot(records: Dict[str, dict], cfg: ConvexConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     t = np.arange(1, cfg.steps + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     mada_style = {mada_name(h): (MADA_COLORS[i % len(MADA_COLORS)], f"MADA, hyper-{cfg.hyper_rule} lr {h:g}")
                   for i, h in enumerate(cfg.hyper_lrs)}
     for name, r in records.items():
         color, label = mada_style.get(name, (COLORS.get(name), LABELS.get(name, name)))
-        kw = dict(color=color, label=label, lw=1.2)
+        label += f" (final: $R_T/T$ {r['avg_regret'][-1]:.2f}, x {r['x_after']:+.2f})"
+        # baselines wider and below, so a MADA run that tracks one (e.g. Adam) leaves it visible
+        kw = dict(color=color, label=label, lw=1.0 if name in mada_style else 2.2,
+                  zorder=3 if name in mada_style else 2)
         axes[0].plot(t, r["avg_regret"], **kw)
         axes[1].plot(t, r["x"], **kw)
         if r["rho"] is not None:
             axes[2].plot(t, r["rho"], **kw)
         elif r["fixed_rho"] is not None:
-            axes[2].plot(t, np.full(cfg.steps, r["fixed_rho"]), ls="--", **{**kw, "lw": 0.8,
-                                                                            "label": kw["label"] + " (fixed)"})
+            axes[2].plot(t, np.full(cfg.steps, r["fixed_rho"]), ls="--",
+                         **{**kw, "lw": 1.0, "label": f"{LABELS.get(name, name)} (fixed)"})
     axes[0].set(title="average regret $R_t/t$", xlabel="iteration t", xscale="log", yscale="log")
     axes[1].set(title="$x_t$ (optimum $x^*=-1$)", xlabel="iteration t", xscale="log", ylim=(-1.05, 1.05))
     axes[1].axhline(OPTIMUM, color="gray", lw=0.6, ls=":")
@@ -248,7 +254,7 @@ def plot(records: Dict[str, dict], cfg: ConvexConfig, path: Path) -> None:
                 ylim=(-0.05, 1.05))
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     sched = r"$\alpha/\sqrt{t}$" if cfg.schedule == "sqrt" else r"$\alpha$"
     fig.suptitle(f"$f_t(x)={cfg.big:g}x$ if $t$ mod {cfg.period} = 1 else ${cfg.small:g}x$, $x\\in[-1,1]$; "
                  f"step {sched}, $\\alpha$={cfg.alpha:g}, $\\beta$=({cfg.beta1:g}, {cfg.beta2:g}); "
@@ -270,11 +276,16 @@ def run(cfg: ConvexConfig = ConvexConfig(), only: Optional[Sequence[str]] = None
         raise ValueError(f"unknown optimizer(s) {unknown}; allowed: {list(factories)}")
     start = time.perf_counter()
     records = {}
-    for name in names:
-        records[name] = run_one(name, cfg, progress=progress)
-        r = records[name]
-        log.info("%-8s avg regret %.4f  final x %+.4f%s  (%.1f s)", name, r["avg_regret"][-1], r["x_after"],
-                 f"  rho {r['rho'][-1]:.4f}" if r["rho"] is not None else "", r["wall_s"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # one-element tensors: extra threads only add synchronisation (and contention)
+    try:
+        for name in names:
+            records[name] = run_one(name, cfg, progress=progress)
+            r = records[name]
+            log.info("%-14s avg regret %.4f  final x %+.4f%s  (%.1f s)", name, r["avg_regret"][-1], r["x_after"],
+                     f"  rho {r['rho'][-1]:.4f}" if r["rho"] is not None else "", r["wall_s"])
+    finally:
+        torch.set_num_threads(threads)
     report = {
         "config": asdict(cfg),
         "problem": f"f_t(x) = {cfg.big:g} x if t mod {cfg.period} == 1 else {cfg.small:g} x, x in [-1, 1], x* = -1",
