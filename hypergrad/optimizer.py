@@ -96,7 +96,11 @@ class HyperOptimizer(RuleOptimizer):
         if clip_hypergrad is not None and (isinstance(clip_hypergrad, bool) or not isinstance(clip_hypergrad, Real)
                                            or not clip_hypergrad > 0 or math.isinf(clip_hypergrad)):
             raise ValueError(f"clip_hypergrad must be a finite number > 0 or None, got {clip_hypergrad!r}")
+        if learn is not None and not isinstance(learn, (str, tuple, list)):
+            raise TypeError(f"learn must be a coefficient name or a list of names, got {learn!r}")
         learn = fam.learnable if learn is None else ((learn,) if isinstance(learn, str) else tuple(learn))
+        if hyper_dtype is not None and (not isinstance(hyper_dtype, torch.dtype) or not hyper_dtype.is_floating_point):
+            raise TypeError(f"hyper_dtype must be a floating torch.dtype (torch.float32, torch.float64), got {hyper_dtype!r}")
         allowed = ("lr", *fam.coefficients)
         bad = [n for n in learn if n not in allowed]
         if bad:
@@ -153,9 +157,7 @@ class HyperOptimizer(RuleOptimizer):
         else:
             n_sets = len(all_params)
             set_groups = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-        for gi, g in enumerate(self.param_groups):
-            for p in g["params"]:
-                self._param_set[id(p)] = 0 if share == "global" else gi if share == "group" else len(self._param_set)
+        self._assign_sets()
         coefs = tuple(LR_COEFFICIENT if n == "lr" else fam.coefficients[n] for n in self.learn)
         layouts = [CoefficientLayout(self.learn, coefs, n_sets)]
         init = []
@@ -198,11 +200,66 @@ class HyperOptimizer(RuleOptimizer):
         self.skipped_steps = 0  # steps skipped for a non-finite gradient
         self.skipped_hyper_steps = 0  # hyper-steps skipped for a non-finite hypergradient
         self.skipped_updates = 0  # bucket updates not applied because they were non-finite
+        self._lr_at_init: Dict[int, float] = {}
         self._hyper_kernels: Dict[str, HyperKernels] = {}
         self._double: Dict[Tuple[int, ...], Dict] = {}  # fused path: spare buffers and gradient record per bucket
         self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
+
+    # ------------------------------------------------------------------ copy / pickle, new groups
+    _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_double",
+                                             "_set_index", "_graph_residual", "_graph_chain", "_graph_leaves")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._index_cache, self._hyper_kernels, self._double, self._set_index = {}, {}, {}, {}
+        self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
+        self._param_set = {}
+        self._assign_sets()
+
+    def _assign_sets(self):
+        """Map each parameter to its coefficient set: 0 (global), its group, or its own (tensor)."""
+        position = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                self._param_set[id(p)] = 0 if self.share == "global" else gi if self.share == "group" else position
+                position += 1
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if not hasattr(self, "_layouts"):  # during __init__
+            return
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        if self.share == "global":
+            new_sets = 0
+        elif self.share == "group":
+            new_sets = 1
+        else:
+            new_sets = len(group["params"])
+        if new_sets and self.learn:
+            # Grow the level-1 vector with the new sets' initial values; the level-1 optimizer's
+            # buffers grow with zeros/their init, and its record of the last update is dropped
+            # (one step without a level-2 hypergradient).
+            lay = self._layouts[0]
+            init = torch.tensor([float(group[n]) for n in self.learn] * new_sets,
+                                dtype=self.hyper_dtype, device=self.hyper_device)
+            self._q[0] = torch.cat([self._q[0], init])
+            lay.sets += new_sets
+            self._bounds[0] = lay.bounds(self.hyper_dtype, self.hyper_device)
+            lv = self.tower[0]
+            grown = lv.family.init_state(init)
+            self._level_state[0] = {n: torch.cat([v, grown[n]]) if v.dim() else v
+                                    for n, v in self._level_state[0].items()}
+            if self._scales[0] is not None:
+                self._scales[0] = torch.tensor([lv.lr_scale.get(n, 1.0) for n in lay.names] * lay.sets,
+                                               dtype=self.hyper_dtype, device=self.hyper_device)
+            self._level_records[0] = None
+            if self._hypergrads[0] is not None:
+                self._hypergrads[0] = torch.cat([self._hypergrads[0], torch.zeros_like(init)])
+        self._assign_sets()
+        self._set_index = {}
 
     # ------------------------------------------------------------------ public views
     def coefficients(self) -> Dict[str, Tensor]:
@@ -274,6 +331,7 @@ class HyperOptimizer(RuleOptimizer):
             with torch.enable_grad():
                 loss = closure()
         self._validate_all_groups()
+        self._check_learned_lr_untouched()
         if not self._gradients_finite():
             self.skipped_steps += 1  # x unchanged: the last update's record stays valid for the next gradient
             return loss
@@ -291,6 +349,19 @@ class HyperOptimizer(RuleOptimizer):
         record = self._hyper_step >= self.warmup
         self._model_update(record)
         return loss
+
+    def _check_learned_lr_untouched(self):
+        """With ``"lr"`` learned, the group's ``lr`` is only its initial value: an LR scheduler (or a
+        user) changing it would be silently ignored, so it is an error."""
+        if "lr" not in self.learn:
+            return
+        for gi, group in enumerate(self.param_groups):
+            initial = self._lr_at_init.setdefault(gi, float(group["lr"]))
+            if float(group["lr"]) != initial:
+                raise ValueError(f"param group {gi}: lr changed from {initial!r} to {float(group['lr'])!r} (an LR "
+                                 f"scheduler?), but 'lr' is learned (learn={list(self.learn)}), so the group's lr is "
+                                 f"only its initial value; read the learned one with coefficients()['lr'] and do not "
+                                 f"schedule it")
 
     # ------------------------------------------------------------------ non-finite values
     def _gradients_finite(self) -> bool:

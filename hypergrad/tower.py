@@ -52,7 +52,10 @@ class Level:
         if not isinstance(family, Family):
             raise TypeError(f"Level rule must be a rule name or a Family, got {type(rule).__name__}")
         if "betas" in coefficients:
-            b1, b2 = coefficients.pop("betas")
+            betas = coefficients.pop("betas")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"Level betas must be a pair (beta1, beta2), got {betas!r}")
+            b1, b2 = betas
             coefficients.setdefault("beta1", b1)
             coefficients.setdefault("beta2", b2)
         unknown = set(coefficients) - set(family.coefficients)
@@ -65,6 +68,10 @@ class Level:
             family.coefficients[name].validate(value, what=f"Level {name}")
         if isinstance(learn, str):
             learn = (learn,)
+        if not isinstance(learn, (tuple, list)):
+            raise TypeError(f"Level learn must be a name or a list of names, got {learn!r}")
+        if lr_scale is not None and not isinstance(lr_scale, Mapping):
+            raise TypeError(f"Level lr_scale must be a dict {{coefficient name: multiplier}}, got {lr_scale!r}")
         allowed = ("lr", *family.coefficients)
         bad = [n for n in learn if n not in allowed]
         if bad:
@@ -116,9 +123,9 @@ class CoefficientLayout:
             dom = c.domain
             if isinstance(dom, Interval):
                 lows.append(dom.low)
-                highs.append(dom._top)
+                highs.append(dom.top(dtype))  # an open end rounds down in the vector's own dtype
             elif isinstance(dom, Positive):
-                lows.append(dom.floor)
+                lows.append(max(dom.floor, torch.finfo(dtype).tiny))
                 highs.append(math.inf)
             else:
                 raise TypeError(f"coefficient {c.name!r}: learning a {type(dom).__name__} coefficient is not supported")

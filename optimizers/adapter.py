@@ -107,6 +107,20 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._param_bucket: Dict[int, Tuple[int, ...]] = {}
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------------ copy / pickle
+    # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything of ours,
+    # minus what is tied to object identity (buckets keyed by id(param)) or to compiled code.
+    _UNPICKLED = ("_buckets", "_param_bucket", "_kernels")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        super().__setstate__(state)
+        # buckets are rebuilt (one copy) from the per-parameter state views on the next step
+        self._buckets, self._param_bucket, self._kernels = {}, {}, {}
+
     # ------------------------------------------------------------------ validation
     def _validate_group(self, group: Mapping, where: str):
         _check_number(f"lr ({where})", group["lr"])
@@ -125,7 +139,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"unknown param-group key(s) {sorted(unknown)} for family {self.family.name!r}")
             if "betas" in param_group:
                 param_group = dict(param_group)
-                b1, b2 = param_group.pop("betas")
+                betas = param_group.pop("betas")
+                if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                    raise ValueError(f"betas in a param group must be a pair (beta1, beta2), got {betas!r}")
+                b1, b2 = betas
                 param_group.setdefault("beta1", b1)
                 param_group.setdefault("beta2", b2)
         super().add_param_group(param_group)
@@ -261,6 +278,8 @@ def build_optimizer(name: str, params, **kwargs) -> RuleOptimizer:
     family = get_rule(name)
     if name in ("sgd", "sgd_nesterov"):
         nesterov = kwargs.pop("nesterov", name == "sgd_nesterov")
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
         family = get_rule("sgd_nesterov" if nesterov else "sgd")
         if not nesterov and kwargs.get("momentum", 0.0) == 0.0 and kwargs.get("dampening", 0.0) == 0.0:
             kwargs.pop("momentum", None)

@@ -56,10 +56,15 @@ class Interval(Domain):
     open_high: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.low, Real) and isinstance(self.high, Real)):
-            raise TypeError(f"Interval bounds must be real numbers, got low={self.low!r}, high={self.high!r}")
+        if not (isinstance(self.low, Real) and isinstance(self.high, Real)) or isinstance(self.low, bool) \
+                or isinstance(self.high, bool):
+            raise TypeError(f"Interval bounds low and high must be real numbers, got low={self.low!r}, high={self.high!r}")
+        if not isinstance(self.open_high, bool):
+            raise TypeError(f"Interval open_high must be a bool, got {self.open_high!r}")
         if math.isnan(self.low) or math.isnan(self.high) or self.low > self.high:
             raise ValueError(f"Interval needs low <= high, got low={self.low!r}, high={self.high!r}")
+        if self.open_high and self.low >= self.high:
+            raise ValueError(f"Interval [low, high) is empty: low={self.low!r} must be below high={self.high!r}")
 
     def contains(self, value) -> bool:
         if isinstance(value, torch.Tensor):
@@ -77,9 +82,16 @@ class Interval(Domain):
     def _top(self) -> float:
         return math.nextafter(self.high, -math.inf) if self.open_high else self.high
 
+    def top(self, dtype: torch.dtype = torch.float64) -> float:
+        """The largest value of the interval representable in ``dtype`` (an open end rounds down)."""
+        if math.isinf(self.high) or not self.open_high:
+            return self.high
+        high = torch.tensor(self.high, dtype=dtype)
+        return float(torch.nextafter(high, torch.tensor(-math.inf, dtype=dtype)))
+
     def project(self, value):
         if isinstance(value, torch.Tensor):
-            return torch.clamp(value, min=self.low, max=None if math.isinf(self.high) else self._top)
+            return torch.clamp(value, min=self.low, max=None if math.isinf(self.high) else self.top(value.dtype))
         return min(max(float(value), self.low), self._top)
 
     def describe(self) -> str:
@@ -108,6 +120,12 @@ class Positive(Domain):
 
     floor: float = 1e-30
 
+    def __post_init__(self):
+        if isinstance(self.floor, bool) or not isinstance(self.floor, Real):
+            raise TypeError(f"Positive floor must be a real number, got {self.floor!r}")
+        if not (0 < self.floor < math.inf):
+            raise ValueError(f"Positive floor must be finite and > 0, got {self.floor!r}")
+
     def contains(self, value) -> bool:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
@@ -118,8 +136,8 @@ class Positive(Domain):
         return 0.0 < float(value) < math.inf
 
     def project(self, value):
-        if isinstance(value, torch.Tensor):
-            return torch.clamp(value, min=self.floor)
+        if isinstance(value, torch.Tensor):  # a floor below the dtype's range would round to 0
+            return torch.clamp(value, min=max(self.floor, torch.finfo(value.dtype).tiny))
         return max(float(value), self.floor)
 
     def describe(self) -> str:
@@ -137,14 +155,20 @@ class Simplex(Domain):
     tolerance: float = 1e-9
 
     def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"Simplex size must be a positive int, got {self.size!r}")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, Real):
+            raise TypeError(f"Simplex tolerance must be a real number, got {self.tolerance!r}")
+        if not (0 <= self.tolerance < math.inf):
+            raise ValueError(f"Simplex tolerance must be finite and >= 0, got {self.tolerance!r}")
 
     def contains(self, value) -> bool:
         w = _as_float_tensor(value) if not isinstance(value, (list, tuple)) else torch.as_tensor(value, dtype=torch.float64)
         if w.shape != (self.size,) or not torch.isfinite(w).all():
             return False
-        return bool((w >= -self.tolerance).all()) and abs(float(w.sum()) - 1.0) <= self.tolerance * self.size + 1e-12
+        # a low-precision projection sums to 1 only up to its own rounding
+        tol = max(self.tolerance, 4 * torch.finfo(w.dtype).eps) if w.is_floating_point() else self.tolerance
+        return bool((w >= -tol).all()) and abs(float(w.sum()) - 1.0) <= tol * self.size + 1e-12
 
     def project(self, value):
         w = value if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=torch.float64)
@@ -182,6 +206,11 @@ class Coefficient:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"Coefficient name must be a Python identifier, got {self.name!r}")
+        if not isinstance(self.domain, Domain):
+            raise TypeError(f"Coefficient {self.name!r} domain must be a Domain (Interval, Positive, Simplex...), "
+                            f"got {self.domain!r}")
+        if not isinstance(self.learnable, bool):
+            raise TypeError(f"Coefficient {self.name!r} learnable must be a bool, got {self.learnable!r}")
         self.validate(self.init, what=f"Coefficient {self.name!r} init")
 
     def validate(self, value, what: str | None = None):

@@ -158,6 +158,8 @@ class State(Expr):
     def define(self, expr) -> "State":
         if self.definition is not None:
             raise ValueError(f"State {self.name!r} is already defined")
+        if isinstance(expr, str):
+            raise TypeError(f"State {self.name!r} definition must be an Expr or a number, got the string {expr!r}")
         self.definition = as_expr(expr)
         return self
 

@@ -18,6 +18,7 @@ and the family records which one its reference implementation uses.
 from __future__ import annotations
 
 import operator
+from numbers import Real
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -73,7 +74,12 @@ class Family:
         if weight_decay_mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
         self.weight_decay_mode = weight_decay_mode
+        if isinstance(direction, str) or not isinstance(direction, (E.Expr, Real)):
+            raise TypeError(f"Family {name!r} direction must be an Expr (built from grad, Coef, State...), "
+                            f"got {direction!r}")
         self.direction = E.as_expr(direction)
+        if isinstance(coefficients, (str, bytes)) or not hasattr(coefficients, "__iter__"):
+            raise TypeError(f"Family {name!r} coefficients must be a sequence of Coefficient, got {coefficients!r}")
         self.fixed = dict(fixed or {})
         declared: Dict[str, Coefficient] = {}
         for c in coefficients:
