@@ -3,6 +3,7 @@ against ``torch.optim.AdamW`` (fused and foreach), on the same model, in one pro
 
     .venv/bin/python -m experiments.bench_step                       # ~10.7M-param char GPT
     .venv/bin/python -m experiments.bench_step --model mlp10m --only adam,mada --steps 30
+    .venv/bin/python -m experiments.bench_step --all --out runs/bench_step.json --doc docs/performance.md
 
 What is measured: the wall time of ``optimizer.step()`` only. Every parameter's ``.grad`` is set
 once to fixed random values (seeded, N(0, 1e-2)) and never changes, so forward/backward cost and
@@ -15,11 +16,20 @@ allocate state and warm caches and are not timed; then ``--steps`` rounds are ti
 median is reported. Python's garbage collector stays on, as in training: turning it off lets
 tensors held in reference cycles pile up until memory runs out (at the time of writing
 ``Family.update`` leaves one such cycle per step, holding all its temporaries). Threads: torch's
-default (``torch.get_num_threads()``; set ``OMP_NUM_THREADS`` to change it). Minor page faults
-per step are recorded too: on glibc every temporary above 32 MB is a fresh ``mmap``, so a step
-that allocates full-size temporaries pays page faults that a fused kernel never does. The load
-averages before/after and the peak RSS go into the report: on a shared machine other processes
-slow every OpenMP region (absolute numbers suffer most; interleaving protects the ratios).
+default (``torch.get_num_threads()``) unless ``--threads`` says otherwise. On a loaded machine
+(load average above the core count) ``--threads 1`` gives far steadier numbers: an OpenMP
+region with 2 threads waits for both, and a descheduled thread stalls every small kernel.
+Minor page faults per step are recorded too: on glibc every temporary above 32 MB is a fresh
+``mmap``, so a step that allocates full-size temporaries pays page faults that a fused kernel never
+does. The load averages before/after and the peak RSS go into the report: on a shared machine
+other processes slow every OpenMP region (absolute numbers suffer most; interleaving protects the
+ratios). ``--device cuda`` runs the same on a GPU (default: cuda if available, else cpu); the
+timers then synchronize the device before every reading.
+
+Compiled kernels: the fused candidates compile during warm-up (never timed). Candidates built on
+the same rule share their compiled kernels (``_share_kernels``: the private per-optimizer kernel
+caches are pointed at one per-process cache), so a rule compiles once per process however many
+models and sizes it is benchmarked on.
 
 Extending: a candidate is a name and a factory ``params -> object with .step()`` (``params`` is the
 param-group list of ``experiments.model.param_groups``). Register more with ``register(name,
@@ -31,21 +41,34 @@ Output: a markdown table on stdout and a JSON file (``--out``, default ``runs/be
     {"machine": {...}, "torch": "2.13.0+cpu", "git_commit": "...", "config": {...},
      "results": {name: {"median_ms", "ratio_to_fused", "ratio_to_foreach", "min_ms", "p25_ms", "p75_ms",
                         "n", "minor_faults_per_step"}}}
+
+``--all`` (issue #5) instead runs every measurement of the performance report and writes one JSON
+report (``"kind": "all"``) and, with ``--doc``, the markdown page generated from it
+(``docs/performance.md``): (a) the step table on the ~10M GPT and the ~10M MLP, (b) optimizer buffers
+per candidate, counted from the code and measured, and the peak memory above the model, (c) the
+bytes each step must move per parameter and the ratio to fused AdamW that this floor implies, (d) the
+whole train step (forward, backward, step) on the demo GPT and on nanoGPT's Shakespeare config,
+(e) step time against parameter count (MLPs of 1M to 50M parameters) and (f) the cost of each
+extra level of a hyper-optimizer tower. See ``run_all`` for the knobs and ``write_doc`` for the page.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -56,13 +79,14 @@ except ImportError:  # not on Windows
 
 import hypergrad
 import optimizers
+from optimizers import expr as E
 from experiments.model import CONFIGS, GPTConfig, build_model, count_parameters, param_groups
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench_step.json"
-MODEL_CHOICES = ("gpt10m", "mlp10m", "demo", "tiny")
+MODEL_CHOICES = ("gpt10m", "mlp10m", "demo", "tiny", "mlp_tiny")
 
 LR = 1e-3
 WEIGHT_DECAY = 0.1
@@ -71,19 +95,55 @@ BASELINES = (FUSED, FOREACH)
 
 Factory = Callable[[List[dict]], object]
 
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """What a candidate is, for the buffer counts and the bytes-moved floor (``analytic``).
+
+    ``kind``: ``"torch_adamw"``, ``"rule"`` (``RuleOptimizer``, flat eager path), ``"rule_fused"``
+    (``RuleOptimizer(fused=True)``), ``"hyper"`` (``HyperOptimizer``, functional eager engine) or
+    ``"hyper_fused"`` (``HyperOptimizer(fused=True)``). ``rule``: the family's registered name.
+    ``tower``: number of hyper-optimizer levels.
+    """
+
+    kind: str
+    rule: Optional[str] = None
+    tower: int = 0
+
+
 # name -> factory(param_groups) -> optimizer. Insertion order is the table's order.
 CANDIDATES: Dict[str, Factory] = {}
+CANDIDATE_INFO: Dict[str, CandidateInfo] = {}
 
 
-def register(name: str, factory: Factory, *, replace: bool = False) -> None:
-    """Add a candidate ``factory(param_groups) -> object with .step()`` under ``name``."""
+def register(name: str, factory: Factory, *, replace: bool = False, info: Optional[CandidateInfo] = None) -> None:
+    """Add a candidate ``factory(param_groups) -> object with .step()`` under ``name``.
+
+    ``info`` (optional) lets ``--all`` count its buffers and bytes moved; without it those columns stay empty.
+    """
     if name in CANDIDATES and not replace:
         raise ValueError(f"candidate {name!r} is already registered")
     CANDIDATES[name] = factory
+    if info is not None:
+        CANDIDATE_INFO[name] = info
+    else:
+        CANDIDATE_INFO.pop(name, None)
 
 
-register(FUSED, lambda params: torch.optim.AdamW(params, lr=LR, fused=True))
-register(FOREACH, lambda params: torch.optim.AdamW(params, lr=LR, foreach=True))
+# One Family object per rule for the whole process: candidates built on the same family object can
+# share compiled kernels (``_share_kernels``), and Dynamo's guards on the family then hold.
+_FAMILIES: Dict[str, optimizers.Family] = {}
+
+
+def family(name: str) -> optimizers.Family:
+    fam = _FAMILIES.get(name)
+    if fam is None:
+        fam = _FAMILIES[name] = optimizers.get_rule(name)
+    return fam
+
+
+register(FUSED, lambda params: torch.optim.AdamW(params, lr=LR, fused=True), info=CandidateInfo("torch_adamw"))
+register(FOREACH, lambda params: torch.optim.AdamW(params, lr=LR, foreach=True), info=CandidateInfo("torch_adamw"))
 
 # The vertex rules, each as a RuleOptimizer with its own default coefficients (only the keyword
 # arguments below differ from the defaults). Weight decay comes from the param groups, in each
@@ -104,35 +164,42 @@ RULE_KWARGS: Dict[str, dict] = {
 SKIPPED_RULES = {"sgd_nesterov": "same buffers as sgd plus one add", "mada": "benchmarked as 'mada' below"}
 
 
-def _rule_factory(name: str, kwargs: dict) -> Factory:
-    return lambda params: optimizers.RuleOptimizer(params, optimizers.get_rule(name), lr=LR, **kwargs)
+def _rule_factory(name: str, kwargs: dict, fused: bool = False) -> Factory:
+    return lambda params: optimizers.RuleOptimizer(params, family(name), lr=LR, fused=fused, **kwargs)
 
 
 for _name, _kwargs in RULE_KWARGS.items():
-    register(_name, _rule_factory(_name, _kwargs))
-register("mada", lambda params: optimizers.RuleOptimizer(params, optimizers.mada(), lr=LR))
-
-
-def _fused_factory(name: str, kwargs: dict) -> Factory:
-    return lambda params: optimizers.RuleOptimizer(params, optimizers.get_rule(name), lr=LR, fused=True, **kwargs)
-
+    register(_name, _rule_factory(_name, _kwargs), info=CandidateInfo("rule", _name))
+register("mada", _rule_factory("mada", {}), info=CandidateInfo("rule", "mada"))
 
 # The same rules through the fused path (one compiled in-place kernel per tensor; compiles during
 # warm-up). NAdam's scalar buffer keeps it on the flat path.
 for _name, _kwargs in {**RULE_KWARGS, "mada": {}}.items():
-    if optimizers.supports_fused(optimizers.get_rule(_name)):
-        register(f"{_name}_fused", _fused_factory(_name, _kwargs))
+    if optimizers.supports_fused(family(_name)):
+        register(f"{_name}_fused", _rule_factory(_name, _kwargs, fused=True), info=CandidateInfo("rule_fused", _name))
+
+TOWER2 = lambda: [hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]  # noqa: E731
+TOWER3 = lambda: [hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5, learn=["lr"]),  # noqa: E731
+                  hypergrad.Level("sgd", lr=1e-7)]
+
+
+def _mada_hyper(fused: bool, tower=None, **kwargs) -> Factory:
+    """``hypergrad.MADA`` (all six coefficients learned) on the shared MADA family object."""
+    def factory(params):
+        return hypergrad.HyperOptimizer(params, family("mada"), lr=LR, fused=fused,
+                                        tower=None if tower is None else tower(), **kwargs)
+    return factory
+
 
 # Hyper-learning MADA (all six coefficients, Adam hyper-optimizer) and a depth-2 tower
 # (Adam's learning rate learned by SGD), on the functional (torch.func.vjp) backend.
-register("mada_hyper", lambda params: hypergrad.MADA(params, lr=LR))
-register("mada_tower2", lambda params: hypergrad.MADA(
-    params, lr=LR, tower=[hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]))
+register("mada_hyper", _mada_hyper(False), info=CandidateInfo("hyper", "mada", 1))
+register("mada_tower2", _mada_hyper(False, TOWER2), info=CandidateInfo("hyper", "mada", 2))
 # The same two on the fused path (compiled per-tensor vjp + in-place double-buffered update).
-register("mada_hyper_fused", lambda params: hypergrad.MADA(params, lr=LR, fused=True))
-register("mada_tower2_fused", lambda params: hypergrad.MADA(
-    params, lr=LR, fused=True,
-    tower=[hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]))
+register("mada_hyper_fused", _mada_hyper(True), info=CandidateInfo("hyper_fused", "mada", 1))
+register("mada_tower2_fused", _mada_hyper(True, TOWER2), info=CandidateInfo("hyper_fused", "mada", 2))
+# The fused hyper step without the per-step non-finite check (nonfinite="ignore"): what that check costs.
+register("mada_hyper_fused_nocheck", _mada_hyper(True, nonfinite="ignore"), info=CandidateInfo("hyper_fused", "mada", 1))
 
 
 def _check_rules_covered() -> None:
@@ -141,15 +208,50 @@ def _check_rules_covered() -> None:
         log.warning("rules in optimizers.RULES not benchmarked: %s (add them to RULE_KWARGS)", sorted(missing))
 
 
+# Compiled kernels shared between optimizers built on the same family object (see module docstring).
+_KERNEL_CACHE: Dict[tuple, dict] = {}
+
+
+def _share_kernels(opt) -> None:
+    """Point ``opt``'s private per-mode kernel caches at a per-process one (no-op if they are missing)."""
+    fam = getattr(opt, "family", None)
+    if fam is None or not getattr(opt, "fused", False):
+        return
+    if isinstance(getattr(opt, "_kernels", None), dict):
+        key = ("rule", id(fam))
+        opt._kernels = _KERNEL_CACHE.setdefault(key, opt._kernels)
+    learn = getattr(opt, "learn", None)
+    if learn and isinstance(getattr(opt, "_hyper_kernels", None), dict):
+        key = ("hyper", id(fam), tuple(learn))
+        opt._hyper_kernels = _KERNEL_CACHE.setdefault(key, opt._hyper_kernels)
+
+
+def build_candidate(name: str, params: List[dict]):
+    opt = CANDIDATES[name](params)
+    _share_kernels(opt)
+    return opt
+
+
 # ------------------------------------------------------------------------------------------ setup
-def make_model(name: str, vocab_size: int = 84) -> torch.nn.Module:
-    """The benchmark model. GPTs use the Shakespeare vocabulary size (84) without loading the data."""
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_model(name: str, vocab_size: int = 84, device: Optional[torch.device] = None, **overrides) -> torch.nn.Module:
+    """The benchmark model. GPTs use the Shakespeare vocabulary size (84) without loading the data.
+
+    ``mlp_tiny`` is a small MLP for tests; ``overrides`` replace config fields (``hidden=...``).
+    """
     key = {"gpt10m": "bench10m"}.get(name, name)
+    if key == "mlp_tiny":
+        key, overrides = "mlp10m", {"in_features": 32, "hidden": 48, "n_hidden_layers": 2, **overrides}
     if key not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
     if isinstance(CONFIGS[key], GPTConfig):
-        return build_model(key, vocab_size=vocab_size)
-    return build_model(key)
+        model = build_model(key, vocab_size=vocab_size, **overrides)
+    else:
+        model = build_model(key, **overrides)
+    return model.to(device) if device is not None else model
 
 
 def set_fixed_grads(model: torch.nn.Module, seed: int) -> None:
@@ -159,7 +261,7 @@ def set_fixed_grads(model: torch.nn.Module, seed: int) -> None:
         p.grad = (torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2).to(p.device)
 
 
-def machine_info() -> dict:
+def machine_info(device: Optional[torch.device] = None) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -176,6 +278,17 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["mem_total_gb"] = round(int(line.split()[1]) / 2 ** 20, 1)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if device is not None:
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -203,26 +316,42 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
+def _sync_fn(device: Optional[torch.device]) -> Callable[[], None]:
+    if device is not None and device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def time_steps(optims: Dict[str, object], steps: int, warmup: int, progress: bool = True,
-               faults: Optional[Dict[str, List[int]]] = None) -> Dict[str, List[float]]:
+               faults: Optional[Dict[str, List[int]]] = None, device: Optional[torch.device] = None,
+               desc: str = "bench rounds") -> Dict[str, List[float]]:
     """Round-robin: each round steps every optimizer once. Returns the timed steps in ms per name.
+
+    The order rotates by one candidate each round, so no candidate always follows the same one (a
+    candidate that frees large temporaries makes the next one pay page faults to map memory again).
 
     ``faults``, if given, receives each timed step's count of minor page faults per name: a step that
     allocates fresh large temporaries pays for them in page faults (kernel time), which fused
-    kernels never do.
+    kernels never do. On CUDA the device is synchronized before each timer reading.
     """
+    sync = _sync_fn(device)
     times: Dict[str, List[float]] = {name: [] for name in optims}
+    order = list(optims)
     rounds = range(warmup + steps)
     if progress:
         from tqdm import tqdm
-        rounds = tqdm(rounds, desc="bench rounds", file=sys.stderr, leave=False)
+        rounds = tqdm(rounds, desc=desc, file=sys.stderr, leave=False)
     for r in rounds:
         if r == warmup:
             gc.collect()
-        for name, opt in optims.items():
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
+            opt = optims[name]
+            sync()
             f0 = _minor_faults()
             t0 = time.perf_counter_ns()
             opt.step()
+            sync()
             elapsed = time.perf_counter_ns() - t0
             if r >= warmup:
                 times[name].append(elapsed / 1e6)
@@ -231,20 +360,31 @@ def time_steps(optims: Dict[str, object], steps: int, warmup: int, progress: boo
     return times
 
 
+def _stats(ts: Sequence[float]) -> dict:
+    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "p25_ms": q[0], "p75_ms": q[2], "n": len(ts)}
+
+
+def paired_ratio(ts: Sequence[float], ref: Sequence[float]) -> dict:
+    """Median and quartiles of the per-round ratios ``ts[r] / ref[r]`` (robust to drift between rounds)."""
+    rs = [a / b for a, b in zip(ts, ref)]
+    q = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) >= 2 else [rs[0]] * 3
+    return {"median": statistics.median(rs), "p25": q[0], "p75": q[2]}
+
+
+def paired_diff(ts: Sequence[float], ref: Sequence[float]) -> float:
+    """Median of the per-round differences ``ts[r] - ref[r]`` (ms)."""
+    return statistics.median(a - b for a, b in zip(ts, ref))
+
+
 def summarise(times: Dict[str, List[float]], faults: Optional[Dict[str, List[int]]] = None) -> Dict[str, dict]:
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     results = {}
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        results[name] = {
-            "median_ms": medians[name],
-            "ratio_to_fused": medians[name] / medians[FUSED],
-            "ratio_to_foreach": medians[name] / medians[FOREACH],
-            "min_ms": min(ts),
-            "p25_ms": q[0],
-            "p75_ms": q[2],
-            "n": len(ts),
-        }
+        results[name] = {"median_ms": medians[name], "ratio_to_fused": medians[name] / medians[FUSED],
+                         "ratio_to_foreach": medians[name] / medians[FOREACH]}
+        results[name].update({k: v for k, v in _stats(ts).items() if k != "median_ms"})
+        results[name]["paired_ratio_to_fused"] = paired_ratio(ts, times[FUSED])
         if faults and name in faults:
             results[name]["minor_faults_per_step"] = statistics.median(faults[name])
     return results
@@ -259,31 +399,37 @@ def markdown_table(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Optional[Sequence[str]] = None,
-        seed: int = 0, progress: bool = True) -> dict:
-    """Benchmark and return the report dict (see the module docstring)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
-    _check_rules_covered()
+def _select(only: Optional[Sequence[str]]) -> List[str]:
     names = list(CANDIDATES)
     if only:
         unknown = [n for n in only if n not in CANDIDATES]
         if unknown:
             raise ValueError(f"unknown candidate(s) {unknown}; allowed: {list(CANDIDATES)}")
         names = [n for n in CANDIDATES if n in BASELINES or n in set(only)]
+    return names
+
+
+def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Optional[Sequence[str]] = None,
+        seed: int = 0, progress: bool = True, device: Optional[torch.device] = None) -> dict:
+    """Benchmark and return the report dict (see the module docstring)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
+    _check_rules_covered()
+    device = torch.device(device) if device is not None else default_device()
+    names = _select(only)
     torch.manual_seed(seed)
-    model = make_model(model_name)
+    model = make_model(model_name, device=device)
     set_fixed_grads(model, seed)
     optims = {}
     for name in names:
         # a fresh group list per optimizer: torch.optim.Optimizer stores (and mutates) the dicts
-        optims[name] = CANDIDATES[name](param_groups(model, WEIGHT_DECAY))
+        optims[name] = build_candidate(name, param_groups(model, WEIGHT_DECAY))
     log.info("benchmarking %d candidates on %s (%d parameters), %d warm-up + %d timed rounds",
              len(optims), model_name, count_parameters(model), warmup, steps)
     load_before = _loadavg()
     faults: Dict[str, List[int]] = {}
-    times = time_steps(optims, steps, warmup, progress=progress, faults=faults)
-    machine = machine_info()
+    times = time_steps(optims, steps, warmup, progress=progress, faults=faults, device=device)
+    machine = machine_info(device)
     # Other processes on the machine inflate every number (OpenMP threads wait on each other);
     # the load averages let a reader judge a run. Interleaving keeps the *ratios* comparable.
     machine["loadavg_before"], machine["loadavg_after"] = load_before, _loadavg()
@@ -298,6 +444,7 @@ def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Opti
             "n_params": count_parameters(model),
             "param_tensors": sum(1 for _ in model.parameters()),
             "dtype": str(next(model.parameters()).dtype),
+            "device": str(device),
             "steps": steps,
             "warmup": warmup,
             "seed": seed,
@@ -312,26 +459,932 @@ def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Opti
     }
 
 
+# ================================================================================ --all (issue #5)
+# Targets of issue #5, as numbers the verdicts compare against.
+TARGET_HYPER = 2.5          # hyper-learning MADA step / fused AdamW step
+TARGET_RULE = 2.0           # MADA without hyper-learning, and every vertex rule / fused AdamW
+TARGET_TRAIN = 1.15         # whole train step with hyper MADA / with fused AdamW
+TARGET_BUFFERS = 8          # optimizer state + hypergradient residuals, in parameter-sized buffers
+TARGET_PEAK = 1.5           # measured peak above the model / buffer-count prediction
+TARGET_TOWER = 0.02         # extra cost of each tower level
+ADAMW_BYTES = 7             # fused AdamW: read p, g, m, v; write p, m, v
+
+HYPER_MAIN = "mada_hyper_fused"      # the hyper-learning candidate the verdicts use (the faster path)
+SCALING_CANDIDATES = (FUSED, "mada_fused", HYPER_MAIN)
+TRAIN_CANDIDATES = (FUSED, "mada_fused", HYPER_MAIN, "mada_hyper")
+TOWERS = {1: None, 2: TOWER2, 3: TOWER3}
+
+
+def tensor_states(fam: optimizers.Family) -> List:
+    """The family's parameter-sized buffers (scalar buffers such as NAdam's running product excluded)."""
+    return [s for s in fam.states if not s.scalar]
+
+
+def _grad_alias_states(fam: optimizers.Family) -> int:
+    """Buffers whose new value is the raw gradient itself (``g_prev = g``): on the eager hyper path they
+    share storage with the recorded gradient copy."""
+    return sum(1 for s in tensor_states(fam) if isinstance(s.definition, E.Input) and s.definition.kind == "grad")
+
+
+def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
+    """Parameter-sized buffers kept between steps, and bytes moved per parameter per step (in units of
+    one parameter-sized buffer), as derived from the code paths (see ``write_doc`` for the derivations).
+
+    ``groups``: the model's param groups (``[{"params", "weight_decay"}]``); the eager hyper path keeps a
+    copy of x only for parameters whose group has weight decay, so its count is a numel-weighted mean.
+    Returns None for a candidate without ``CandidateInfo``.
+    """
+    info = CANDIDATE_INFO.get(name)
+    if info is None:
+        return None
+    if info.kind == "torch_adamw":
+        return {"buffers": 2.0, "buffers_formula": "2 (exp_avg, exp_avg_sq)", "floor_bytes": 7.0,
+                "floor_formula": "read p, g, m, v; write p, m, v", "states": 2}
+    fam = family(info.rule)
+    S = len(tensor_states(fam))
+    if info.kind in ("rule", "rule_fused"):
+        return {"buffers": float(S), "buffers_formula": f"S = {S}", "floor_bytes": float(2 * S + 3),
+                "floor_formula": f"2S+3 = {2 * S + 3}", "states": S}
+    if info.kind == "hyper_fused":
+        return {"buffers": float(2 * S + 1), "buffers_formula": f"2S+1 = {2 * S + 1} (state, spare set, g record)",
+                "floor_bytes": float(3 * S + 6), "floor_formula": f"(S+2) vjp + (2S+4) update = {3 * S + 6}", "states": S}
+    if info.kind == "hyper":
+        alias = _grad_alias_states(fam)
+        total, count, xfrac = 0, 0.0, 0.0
+        for g in groups or [{"params": [torch.empty(1)], "weight_decay": WEIGHT_DECAY}]:
+            n = sum(p.numel() for p in g["params"])
+            mode = g.get("weight_decay_mode", fam.weight_decay_mode)
+            decay = optimizers.needs_param(fam, g.get("weight_decay", 0.0), mode)
+            l2 = mode == "l2" and g.get("weight_decay", 0.0) != 0
+            c = 2 * S + 1 + (1 if decay else 0) - (0 if l2 else alias)
+            total += n
+            count += n * c
+            xfrac += n * (1 if decay else 0)
+        count, xfrac = count / max(total, 1), xfrac / max(total, 1)
+        formula = f"2S+1+x-alias = {count:.2f} (x copy on {xfrac:.1%} of params, {alias} state = g)"
+        return {"buffers": count, "buffers_formula": formula, "floor_bytes": 3 * S + 6 + 2 * xfrac,
+                "floor_formula": f"3S+6+2x = {3 * S + 6 + 2 * xfrac:.2f}", "states": S}
+    raise ValueError(f"unknown candidate kind {info.kind!r}")
+
+
+def is_slow(name: str) -> bool:
+    """Eager candidates (tens of times slower than fused AdamW at 10M parameters) get fewer rounds."""
+    info = CANDIDATE_INFO.get(name)
+    return info is not None and info.kind in ("rule", "hyper")
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _storage_key(t: torch.Tensor) -> Tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def reachable_bytes(opt, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of distinct tensor storages reachable from the optimizer object (its ``state``, buffers,
+    records of the last update, spare buffers...), parameters and their gradients excluded. Follows
+    dicts, lists, tuples, ``__slots__`` and ``__dict__`` of the engine's own helper objects."""
+    skip = {_storage_key(t) for t in exclude}
+    seen_obj, seen_storage, total = set(), set(), 0
+    stack = [v for k, v in vars(opt).items() if k not in ("param_groups", "defaults")]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen_obj:
+            continue
+        seen_obj.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            key = _storage_key(obj)
+            if key not in skip and key not in seen_storage:
+                seen_storage.add(key)
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif type(obj).__module__.split(".")[0] in ("optimizers", "hypergrad") and not isinstance(obj, optimizers.Family):
+            for slot in getattr(type(obj), "__slots__", ()):
+                if hasattr(obj, slot):
+                    stack.append(getattr(obj, slot))
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    return total
+
+
+def profile_memory(opt, steps: int, device: torch.device) -> dict:
+    """Allocator bytes over ``steps`` steps of a fresh optimizer: peak and final level above the level
+    before the first step, and the bytes allocated by the last step. CUDA: the caching allocator's
+    statistics; CPU: the allocation events of ``torch.profiler(profile_memory=True)``."""
+    sync = _sync_fn(device)
+    if device.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps - 1):
+            opt.step()
+        sync()
+        peak_before_last = torch.cuda.max_memory_allocated(device) - base
+        before = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0)
+        level = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        opt.step()
+        sync()
+        last_alloc = torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0) - before
+        peak_last = torch.cuda.max_memory_allocated(device) - level
+        final = torch.cuda.memory_allocated(device) - base
+        return {"peak": max(peak_before_last, peak_last + level - base), "final": final, "last_step_alloc": last_alloc,
+                "last_step_transient": peak_last}
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for k in range(steps):
+            with record_function(f"bench_step_{k}"):
+                opt.step()
+    events = list(prof.profiler.kineto_results.events())
+    last = [e for e in events if e.name() == f"bench_step_{steps - 1}"]
+    t_last = (last[0].start_ns(), last[0].end_ns()) if last else (None, None)
+    mem = sorted(((e.start_ns(), i, e.nbytes()) for i, e in enumerate(events) if e.name() == "[memory]"))
+    level = peak = 0
+    level_before_last = None
+    peak_last = 0
+    last_alloc = 0
+    for t, _, nbytes in mem:
+        in_last = t_last[0] is not None and t_last[0] <= t <= t_last[1]
+        if in_last and level_before_last is None:
+            level_before_last = level
+        level += nbytes
+        peak = max(peak, level)
+        if in_last:
+            peak_last = max(peak_last, level - level_before_last)
+            last_alloc += max(nbytes, 0)
+    return {"peak": peak, "final": level, "last_step_alloc": last_alloc, "last_step_transient": peak_last}
+
+
+def memory_table(model_name: str, names: Sequence[str], device: torch.device, seed: int = 0, steps: int = 3,
+                 progress: bool = True) -> dict:
+    """(b) per candidate: buffers counted from the code, and measured on a fresh optimizer over its first
+    ``steps`` steps (the hyper engines start learning at step 2, so step 3 is a steady step)."""
+    torch.manual_seed(seed)
+    model = make_model(model_name, device=device)
+    set_fixed_grads(model, seed)
+    params = list(model.parameters())
+    pbytes = sum(p.numel() * p.element_size() for p in params)
+    exclude = params + [p.grad for p in params]
+    groups = param_groups(model, WEIGHT_DECAY)
+    results = {}
+    it = names
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(names, desc=f"memory {model_name}", file=sys.stderr, leave=False)
+    for name in it:
+        gc.collect()
+        opt = build_candidate(name, param_groups(model, WEIGHT_DECAY))
+        m = profile_memory(opt, steps, device)
+        reach = reachable_bytes(opt, exclude)
+        a = analytic(name, groups)
+        r = {"measured_buffers": m["final"] / pbytes, "reachable_buffers": reach / pbytes,
+             "peak_buffers": m["peak"] / pbytes, "step_alloc_buffers": m["last_step_alloc"] / pbytes,
+             "step_transient_buffers": m["last_step_transient"] / pbytes}
+        if a is not None:
+            r["analytic_buffers"] = a["buffers"]
+            r["analytic_formula"] = a["buffers_formula"]
+            r["peak_over_prediction"] = m["peak"] / pbytes / a["buffers"] if a["buffers"] else None
+        results[name] = r
+        del opt
+    ref = results.get(FUSED, {}).get("peak_buffers")
+    for r in results.values():
+        r["peak_vs_fused_adamw"] = r["peak_buffers"] / ref if ref else None
+    return {"model": model_name, "n_params": count_parameters(model), "param_bytes": pbytes, "steps": steps,
+            "method": ("torch.cuda allocator statistics" if device.type == "cuda"
+                       else "torch.profiler(profile_memory=True) allocation events"),
+            "results": results}
+
+
+# ------------------------------------------------------------------------------------------ (a) step table
+def step_table(model_name: str, names: Sequence[str], steps: int, warmup: int, slow_steps: int, device: torch.device,
+               seed: int = 0, progress: bool = True) -> dict:
+    """(a) Interleaved step times, in two groups each with both baselines: fast candidates (torch, fused)
+    with ``steps`` timed rounds, eager ones with ``slow_steps`` (they are 10-200x slower; their ratios
+    need no more precision). Ratios are to the fused AdamW of the same group."""
+    torch.manual_seed(seed)
+    model = make_model(model_name, device=device)
+    set_fixed_grads(model, seed)
+    params = list(model.parameters())
+    exclude = params + [p.grad for p in params]
+    pbytes = sum(p.numel() * p.element_size() for p in params)
+    groups = param_groups(model, WEIGHT_DECAY)
+    fast = [n for n in names if n in BASELINES or not is_slow(n)]
+    slow = [n for n in names if n in BASELINES or is_slow(n)]
+    results: Dict[str, dict] = {}
+    for label, group, n_steps, n_warm in (("fast", fast, steps, warmup), ("slow", slow, slow_steps, 1)):
+        if len(group) == len(BASELINES) and label == "slow":
+            continue
+        optims = {n: build_candidate(n, param_groups(model, WEIGHT_DECAY)) for n in group}
+        faults: Dict[str, List[int]] = {}
+        t0 = time.perf_counter()
+        times = time_steps(optims, n_steps, n_warm, progress=progress, faults=faults, device=device,
+                           desc=f"{model_name} {label}")
+        log.info("step table %s/%s: %d candidates, %.0f s", model_name, label, len(group), time.perf_counter() - t0)
+        summary = summarise(times, faults)
+        for n in group:
+            if n in BASELINES and n in results:
+                continue  # the baselines' numbers come from the fast group (more rounds)
+            r = summary[n]
+            r["group"] = label
+            r["reachable_buffers"] = reachable_bytes(optims[n], exclude) / pbytes
+            a = analytic(n, groups)
+            if a is not None:
+                r["floor_bytes"] = a["floor_bytes"]
+                r["floor_ratio"] = a["floor_bytes"] / ADAMW_BYTES
+                r["floor_efficiency"] = r["floor_ratio"] / r["ratio_to_fused"]
+                r["achieved_gb_s"] = a["floor_bytes"] * pbytes / (r["median_ms"] * 1e-3) / 1e9
+            results[n] = r
+        del optims
+        gc.collect()
+    return {"model": model_name, "n_params": count_parameters(model), "param_tensors": len(params),
+            "param_bytes": pbytes, "steps": steps, "slow_steps": slow_steps, "warmup": warmup, "results": results}
+
+
+# ------------------------------------------------------------------------------------------ (d) train step
+def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, warmup: int, device: torch.device,
+                seed: int = 0, project_batch: Optional[int] = None, progress: bool = True) -> dict:
+    """(d) Whole train step (zero_grad, forward, backward, step) per candidate, each on its own copy of
+    the same initial model, same batch per round (random tokens: the cost does not depend on the data),
+    round-robin. Dropout as configured (nanoGPT's Shakespeare config trains with 0.2)."""
+    sync = _sync_fn(device)
+    torch.manual_seed(seed)
+    base = make_model(model_name, device=device)
+    cfg = base.config
+    models = {n: copy.deepcopy(base) for n in names}
+    del base
+    optims = {n: build_candidate(n, param_groups(models[n], WEIGHT_DECAY)) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    fb: Dict[str, List[float]] = {n: [] for n in names}
+    st: Dict[str, List[float]] = {n: [] for n in names}
+    tot: Dict[str, List[float]] = {n: [] for n in names}
+    rounds = range(warmup + steps)
+    if progress:
+        from tqdm import tqdm
+        rounds = tqdm(rounds, desc=f"train {model_name}", file=sys.stderr, leave=False)
+    for r in rounds:
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen).to(device)
+        y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=gen).to(device)
+        if r == warmup:
+            gc.collect()
+        k = r % len(names)
+        for n in list(names[k:]) + list(names[:k]):  # rotated each round, as in time_steps
+            model, opt = models[n], optims[n]
+            opt.zero_grad(set_to_none=True)
+            sync()
+            t0 = time.perf_counter_ns()
+            _, loss = model(x, y)
+            loss.backward()
+            sync()
+            t1 = time.perf_counter_ns()
+            opt.step()
+            sync()
+            t2 = time.perf_counter_ns()
+            if r >= warmup:
+                fb[n].append((t1 - t0) / 1e6)
+                st[n].append((t2 - t1) / 1e6)
+                tot[n].append((t2 - t0) / 1e6)
+    ref = statistics.median(tot[FUSED])
+    fb_pool = statistics.median([v for n in names for v in fb[n]])
+    results = {}
+    for n in names:
+        r = {"step_ms": statistics.median(tot[n]), "fwd_bwd_ms": statistics.median(fb[n]),
+             "opt_step_ms": statistics.median(st[n]), "ratio_to_fused": statistics.median(tot[n]) / ref,
+             "paired_ratio_to_fused": paired_ratio(tot[n], tot[FUSED]), "n": len(tot[n])}
+        if project_batch and project_batch != batch:
+            F = fb_pool * project_batch / batch
+            r["projected_ratio"] = (F + r["opt_step_ms"]) / (F + statistics.median(st[FUSED]))
+        results[n] = r
+    return {"model": model_name, "n_params": count_parameters(models[names[0]]), "batch": batch,
+            "block_size": cfg.block_size, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "dropout": cfg.dropout,
+            "steps": steps, "warmup": warmup, "project_batch": project_batch, "fwd_bwd_pooled_ms": fb_pool,
+            "results": results}
+
+
+# ------------------------------------------------------------------------------------------ (e) scaling
+def mlp_width(target_params: float) -> int:
+    """Width h of the 3-layer square MLP (in = hidden = h, 10 outputs) with about ``target_params``
+    parameters (3h^2 + 13h + 10), rounded to a multiple of 32."""
+    h = (-13 + math.sqrt(169 + 12 * (target_params - 10))) / 6
+    return max(32, int(round(h / 32)) * 32)
+
+
+def scaling_table(sizes_m: Sequence[float], names: Sequence[str], steps: int, warmup: int, device: torch.device,
+                  seed: int = 0, progress: bool = True) -> dict:
+    """(e) Step time against parameter count: square 3-layer MLPs, interleaved candidates per size."""
+    rows = []
+    for m in sizes_m:
+        h = mlp_width(m * 1e6)
+        torch.manual_seed(seed)
+        model = make_model("mlp10m", device=device, in_features=h, hidden=h, n_hidden_layers=3)
+        set_fixed_grads(model, seed)
+        optims = {n: build_candidate(n, param_groups(model, WEIGHT_DECAY)) for n in names}
+        times = time_steps(optims, steps, warmup, progress=progress, device=device, desc=f"scaling {m}M")
+        n_params = count_parameters(model)
+        row = {"target_m": m, "width": h, "n_params": n_params, "results": {}}
+        for n in names:
+            med = statistics.median(times[n])
+            row["results"][n] = {"median_ms": med, "ms_per_m": med / (n_params / 1e6),
+                                 "ratio_to_fused": med / statistics.median(times[FUSED])}
+        rows.append(row)
+        del optims, model
+        gc.collect()
+    fits = {}
+    for n in names:
+        xs = [r["n_params"] / 1e6 for r in rows]
+        ys = [r["results"][n]["median_ms"] for r in rows]
+        fits[n] = linear_fit(xs, ys)
+    return {"steps": steps, "warmup": warmup, "rows": rows, "fits": fits}
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """Least squares ``y = a + b x``: intercept, slope, R^2 and the largest relative residual."""
+    n = len(xs)
+    if n < 2:
+        return {"intercept_ms": None, "slope_ms_per_m": None, "r2": None, "max_rel_residual": None}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return {"intercept_ms": a, "slope_ms_per_m": b, "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
+            "max_rel_residual": max(abs(y - a - b * x) / y for x, y in zip(xs, ys))}
+
+
+# ------------------------------------------------------------------------------------------ (f) tower
+def tower_table(model_name: str, steps: int, warmup: int, device: torch.device, fused: bool = True, seed: int = 0,
+                progress: bool = True) -> dict:
+    """(f) MADA hyper-learning with towers of depth 1, 2, 3, interleaved; cost of each extra level as
+    the median over rounds of the paired ratio depth k+1 / depth k, and of the paired difference in ms.
+
+    The tower's levels run the same code on both paths (``fused`` only changes the model update), on
+    vectors of a few coefficients: their cost does not grow with the model. ``run_all`` therefore also
+    measures them on a tiny model, where a fraction of a millisecond is resolvable, and relates that
+    to the large model's step."""
+    torch.manual_seed(seed)
+    model = make_model(model_name, device=device)
+    set_fixed_grads(model, seed)
+    optims = {FUSED: build_candidate(FUSED, param_groups(model, WEIGHT_DECAY))}
+    for depth, tower in TOWERS.items():
+        opt = _mada_hyper(fused, tower)(param_groups(model, WEIGHT_DECAY))
+        _share_kernels(opt)
+        optims[f"depth{depth}"] = opt
+    times = time_steps(optims, steps, warmup, progress=progress, device=device, desc=f"tower {model_name}")
+    results = {}
+    for depth in TOWERS:
+        name = f"depth{depth}"
+        r = _stats(times[name])
+        r["ratio_to_fused"] = r["median_ms"] / statistics.median(times[FUSED])
+        r["tower"] = [repr(lv) for lv in optims[name].tower]
+        if depth > 1:
+            r["extra_vs_previous"] = paired_ratio(times[name], times[f"depth{depth - 1}"])
+            r["extra_vs_depth1"] = paired_ratio(times[name], times["depth1"])
+            r["extra_ms_vs_previous"] = paired_diff(times[name], times[f"depth{depth - 1}"])
+        results[name] = r
+    return {"model": model_name, "n_params": count_parameters(model), "fused": fused, "steps": steps,
+            "warmup": warmup, "fused_adamw_ms": statistics.median(times[FUSED]), "results": results}
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+def verdicts(report: dict) -> List[dict]:
+    """One line per target of issue #5: what was measured, and whether it meets the target."""
+    out = []
+
+    def add(target, measured, met, note=""):
+        out.append({"target": target, "measured": measured, "met": met, "note": note})
+
+    steps = report.get("step", {})
+    for model, tab in steps.items():
+        res = tab["results"]
+        hyper = [n for n in (HYPER_MAIN, "mada_hyper") if n in res]
+        if hyper:
+            best = min(hyper, key=lambda n: res[n]["ratio_to_fused"])
+            r = res[best]["ratio_to_fused"]
+            floor = res[best].get("floor_ratio")
+            add(f"hyper MADA step <= {TARGET_HYPER}x fused AdamW ({model})", f"{r:.2f}x ({best})", r <= TARGET_HYPER,
+                f"bytes-moved floor {floor:.2f}x" if floor else "")
+        rules = ["mada"] + list(RULE_KWARGS)
+        worst = []
+        for rule in rules:
+            paths = [n for n in (f"{rule}_fused", rule) if n in res]
+            if not paths:
+                continue
+            best = min(paths, key=lambda n: res[n]["ratio_to_fused"])
+            worst.append((res[best]["ratio_to_fused"], best, res[best].get("floor_ratio")))
+        if worst:
+            failing = [w for w in worst if w[0] > TARGET_RULE]
+            text = ", ".join(f"{b} {r:.2f}x" for r, b, _ in sorted(worst, reverse=True))
+            below_floor = [b for r, b, f in failing if f is not None and f > TARGET_RULE]
+            add(f"MADA (hyper off) and every vertex rule <= {TARGET_RULE}x fused AdamW ({model}; best path per rule)",
+                text, not failing,
+                (f"{len(failing)} of {len(worst)} over; floor alone is over {TARGET_RULE}x for: {', '.join(below_floor)}"
+                 if failing else ""))
+    for key, tab in report.get("train", {}).items():
+        res = tab["results"]
+        for n in (HYPER_MAIN, "mada_hyper"):
+            if n not in res:
+                continue
+            r = res[n]["ratio_to_fused"]
+            proj = res[n].get("projected_ratio")
+            note = f"projected at batch {tab['project_batch']}: {proj:.2f}x" if proj else ""
+            add(f"whole train step with hyper MADA <= {TARGET_TRAIN}x fused AdamW ({key}, {n}, batch {tab['batch']})",
+                f"{r:.2f}x", r <= TARGET_TRAIN, note)
+    mem = report.get("memory")
+    if mem:
+        res = mem["results"]
+        over = {n: r for n, r in res.items() if r.get("analytic_buffers", 0) > TARGET_BUFFERS + 1e-9}
+        text = ", ".join(f"{n} {r['analytic_buffers']:.1f} (measured {r['measured_buffers']:.1f})" for n, r in over.items())
+        add(f"optimizer state + hypergradient residuals <= {TARGET_BUFFERS} parameter-sized buffers",
+            text if over else "all within", not over, "over: " + ", ".join(over) if over else "")
+        far = {n: r for n, r in res.items() if r.get("peak_over_prediction") and r["peak_over_prediction"] > TARGET_PEAK}
+        inplace = [r["peak_over_prediction"] for n, r in res.items() if r.get("peak_over_prediction")
+                   and CANDIDATE_INFO.get(n) and CANDIDATE_INFO[n].kind in ("torch_adamw", "rule_fused", "hyper_fused")]
+        add(f"measured peak above the model within {TARGET_PEAK}x of the buffer-count prediction",
+            ", ".join(f"{n} {r['peak_over_prediction']:.2f}x" for n, r in far.items()) if far else "all within",
+            not far, (f"torch and fused paths: at most {max(inplace):.2f}x; " if inplace else "")
+            + ("over: the eager paths (full-size temporaries per operation)" if far else ""))
+        if HYPER_MAIN in res:
+            add("peak memory above the model vs fused AdamW (report only)",
+                f"{res[HYPER_MAIN]['peak_vs_fused_adamw']:.2f}x ({HYPER_MAIN})", None, "")
+    sc = report.get("scaling")
+    if sc and len(sc["rows"]) >= 2:
+        bad = []
+        parts = []
+        for n, fit in sc["fits"].items():
+            per = [r["results"][n]["ms_per_m"] for r in sc["rows"]]
+            growth = per[-1] / min(per[1:]) if len(per) > 2 else per[-1] / per[0]
+            parts.append(f"{n}: R^2 {fit['r2']:.3f}, ms/M largest/least (>= 2nd size) {growth:.2f}")
+            if fit["r2"] is None or fit["r2"] < 0.98 or growth > 1.25:
+                bad.append(n)
+        add("step time linear in parameter count, 1M to 50M (R^2 >= 0.98 and ms per M params at the largest "
+            "size <= 1.25x the least from the 2nd size on)", "; ".join(parts), not bad, "")
+    tw, small = report.get("tower"), report.get("tower_small")
+    if tw:
+        extras = [(d, tw["results"][d]["extra_vs_previous"]["median"] - 1) for d in ("depth2", "depth3")
+                  if d in tw["results"]]
+        direct = ", ".join(f"{d}: {e:+.1%}" for d, e in extras)
+        est = tower_level_estimate(report)
+        if est:
+            text = ", ".join(f"{d}: {e:+.2%}" for d, e in est.items())
+            add(f"each extra tower level costs < {TARGET_TOWER:.0%} ({tw['model']})",
+                f"{text} (level cost measured on {small['model']}, over the {tw['model']} step)",
+                all(e < TARGET_TOWER for e in est.values()), f"direct paired measurement on {tw['model']}: {direct}")
+        else:
+            add(f"each extra tower level costs < {TARGET_TOWER:.0%} ({tw['model']})", direct,
+                all(e < TARGET_TOWER for _, e in extras), "")
+    return out
+
+
+def tower_level_estimate(report: dict) -> Optional[Dict[str, float]]:
+    """Extra cost of each tower level relative to the large model's depth-1 step: the level's paired
+    extra milliseconds measured on the small model (same tower code, resolvable there), divided by the
+    large model's depth-1 median step."""
+    tw, small = report.get("tower"), report.get("tower_small")
+    if not tw or not small:
+        return None
+    base = tw["results"]["depth1"]["median_ms"]
+    return {d: small["results"][d]["extra_ms_vs_previous"] / base for d in ("depth2", "depth3")
+            if d in small["results"]}
+
+
+# ------------------------------------------------------------------------------------------ run_all
+def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequence[str]] = None, steps: int = 15,
+            warmup: int = 2, slow_steps: int = 3, memory_model: Optional[str] = "gpt10m",
+            memory_only: Optional[Sequence[str]] = None,
+            train: Sequence[Tuple[str, str, int, Optional[int], int]] = (("demo", "demo", 16, None, 20),
+                                                                         ("shakespeare", "gpt10m", 4, 64, 5)),
+            train_candidates: Sequence[str] = TRAIN_CANDIDATES,
+            scaling_sizes: Sequence[float] = (1, 5, 10, 25, 50), scaling_steps: int = 6,
+            scaling_candidates: Sequence[str] = SCALING_CANDIDATES, tower_model: Optional[str] = "gpt10m",
+            tower_steps: int = 30, tower_fused: bool = True, tower_small_model: Optional[str] = "tiny",
+            tower_small_steps: int = 60, device: Optional[torch.device] = None, seed: int = 0,
+            progress: bool = True) -> dict:
+    """Every measurement of issue #5 in one process; returns the report (``"kind": "all"``).
+
+    ``train``: ``(label, model, batch, project_batch, timed rounds)`` per whole-train-step table
+    (``project_batch``: also give the ratio projected to that batch size, forward/backward scaled
+    linearly). ``tower_small_model``: the tower table again on this (small) model, eager path, to
+    resolve the absolute cost of a level. Empty sequences / None skip a phase.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    _check_rules_covered()
+    names = _select(only)
+    t_start = time.perf_counter()
+    phases: Dict[str, dict] = {}
+    report: Dict[str, object] = {"kind": "all", "torch": torch.__version__, "git_commit": git_commit(),
+                                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                 "argv": sys.argv[1:]}
+    load_start = _loadavg()
+
+    def phase(label, fn, *args, **kwargs):
+        la, t0 = _loadavg(), time.perf_counter()
+        log.info("phase %s ...", label)
+        out = fn(*args, **kwargs)
+        phases[label] = {"seconds": round(time.perf_counter() - t0, 1), "loadavg_before": la, "loadavg_after": _loadavg()}
+        log.info("phase %s done in %.0f s (load %s -> %s)", label, phases[label]["seconds"], la, _loadavg())
+        return out
+
+    report["step"] = {m: phase(f"step {m}", step_table, m, names, steps, warmup, slow_steps, device, seed, progress)
+                      for m in models}
+    if memory_model:
+        mem_names = [n for n in (memory_only or names) if n in CANDIDATES]
+        report["memory"] = phase("memory", memory_table, memory_model, mem_names, device, seed, 3, progress)
+    if tower_model:
+        report["tower"] = phase("tower", tower_table, tower_model, tower_steps, warmup, device, tower_fused, seed,
+                                progress)
+    if tower_small_model:
+        report["tower_small"] = phase("tower small", tower_table, tower_small_model, tower_small_steps, warmup, device,
+                                      False, seed, progress)
+    if scaling_sizes:
+        report["scaling"] = phase("scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
+                                  seed, progress)
+    report["train"] = {}
+    for label, model, batch, proj, n_steps in train:
+        report["train"][label] = phase(f"train {label}", train_table, model, batch, train_candidates, n_steps, 1,
+                                       device, seed, proj, progress)
+    machine = machine_info(device)
+    machine["loadavg_before"], machine["loadavg_after"] = load_start, _loadavg()
+    if resource is not None:
+        machine["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    report["machine"] = machine
+    report["config"] = {"device": str(device), "dtype": "torch.float32", "threads": torch.get_num_threads(),
+                        "lr": LR, "weight_decay": WEIGHT_DECAY,
+                        "weight_decay_on": "dim >= 2 (experiments.model.param_groups)",
+                        "grad": "fixed N(0, 1e-2), set once (step, memory, scaling, tower tables)", "seed": seed,
+                        "steps": steps, "slow_steps": slow_steps, "warmup": warmup,
+                        "train": [list(t) for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
+                        "tower_small_steps": tower_small_steps}
+    report["phases"] = phases
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["verdicts"] = verdicts(report)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ the page
+def _f(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def _path(name: str) -> str:
+    info = CANDIDATE_INFO.get(name)
+    if info is None:
+        return "?"
+    return {"torch_adamw": "torch", "rule": "eager (flat)", "rule_fused": "fused", "hyper": "hyper eager",
+            "hyper_fused": "hyper fused"}[info.kind]
+
+
+def _findings(report: dict) -> List[str]:
+    """Sentences derived from the step and memory tables (only where the needed candidates ran)."""
+    out = []
+    for model, tab in report.get("step", {}).items():
+        res = tab["results"]
+        if not all(n in res for n in (HYPER_MAIN, "mada_hyper_fused_nocheck", "mada_fused")):
+            continue
+        hy, nc, mf = (res[n]["median_ms"] for n in (HYPER_MAIN, "mada_hyper_fused_nocheck", "mada_fused"))
+        out.append(f"{model}: the fused hyper step takes {hy:.1f} ms ({res[HYPER_MAIN]['ratio_to_fused']:.2f}x fused "
+                   f"AdamW, bytes-moved floor {res[HYPER_MAIN].get('floor_ratio', float('nan')):.2f}x). Without the "
+                   f"per-step non-finite check (nonfinite='ignore') it takes {nc:.1f} ms: the check costs "
+                   f"{hy - nc:.1f} ms ({(hy - nc) / hy:.0%} of the step). The vjp kernel plus the double-buffered "
+                   f"update ({nc:.1f} ms) cost {nc / mf:.2f}x the plain fused MADA update ({mf:.1f} ms), for "
+                   f"{res[HYPER_MAIN].get('floor_bytes', 0) / res['mada_fused'].get('floor_bytes', 1):.2f}x its "
+                   f"floor bytes.")
+    mem = report.get("memory", {}).get("results", {})
+    if HYPER_MAIN in mem and "mada_hyper_fused_nocheck" in mem:
+        out.append(f"Memory ({report['memory']['model']}): the non-finite check allocates "
+                   f"{mem[HYPER_MAIN]['step_alloc_buffers']:.2f} parameter-sized buffers per step "
+                   f"(without it: {mem['mada_hyper_fused_nocheck']['step_alloc_buffers']:.2f}), i.e. it reads the "
+                   f"gradients several times and writes temporaries, where the vjp kernel already reads every "
+                   f"gradient once.")
+    return out
+
+
+def write_doc(report: dict, path: Path) -> str:
+    """Generate ``docs/performance.md`` from an ``--all`` report; returns the text. Every number comes from
+    ``report``; the prose around the tables is fixed."""
+    m = report["machine"]
+    cfg = report["config"]
+    L: List[str] = []
+    w = L.append
+    w("# Performance: the optimizer step, memory, scaling and towers (issue #5)")
+    w("")
+    w("Generated by `python -m experiments.bench_step " + " ".join(report.get("argv", [])) + "` (JSON: "
+      f"`{report.get('out', 'runs/bench_step.json')}`); do not edit by hand, rerun the command. Every number below "
+      "is the script's output.")
+    w("")
+    w("## Machine and run")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    rows = [("date", report.get("date")), ("git commit", f"`{report.get('git_commit')}`"), ("torch", report["torch"]),
+            ("python", m.get("python")), ("device", cfg["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")),
+            ("CPU", f"{m.get('cpu_model')} ({m.get('cpu_count')} logical cores, {m.get('mem_total_gb')} GB)"),
+            ("torch threads", f"{cfg['threads']} (OMP_NUM_THREADS={m.get('omp_num_threads_env')})"),
+            ("platform", m.get("platform")), ("dtype", cfg["dtype"]),
+            ("load average (1, 5, 15 min) before", m.get("loadavg_before")),
+            ("load average after", m.get("loadavg_after")), ("peak RSS", f"{m.get('peak_rss_mb')} MB"),
+            ("total run time", f"{report['seconds']:.0f} s")]
+    for k, v in rows:
+        w(f"| {k} | {v} |")
+    w("")
+    load = max((m.get("loadavg_before") or [0])[0], (m.get("loadavg_after") or [0])[0])
+    cores = m.get("cpu_count") or 1
+    w("**Noise.** The machine is shared: other jobs run alongside, and every timing here is disturbed by them. "
+      "Candidates are interleaved round-robin (one step each per round), so the *ratios* compare like with like; "
+      "absolute milliseconds are only indicative. Per phase load averages are listed at the end. "
+      + (f"During this run the load average reached {load:.1f} on {cores} cores: expect ratios to move by 10-30% "
+         f"between runs, and do not read differences of a few percent (the tower table) as resolved."
+         if load > 0.5 * cores else "The machine was lightly loaded during this run."))
+    if cfg["threads"] == 1 and cores > 1:
+        w("")
+        w(f"Threads: this run used 1 torch thread on a {cores}-core machine. Under load, a 2-thread OpenMP region "
+          "waits for its slowest thread, and a descheduled thread stalls every small kernel (while preparing this "
+          "report, steps ran several times slower with 2 threads than with 1 on this machine under load); one thread "
+          "gives the steadier ratios, at the price of absolute times an idle machine would beat with 2.")
+    w("")
+    w("Setup common to the optimizer-step tables: float32 parameters, every `.grad` set once to fixed N(0, 1e-2) "
+      f"values, lr {cfg['lr']}, weight decay {cfg['weight_decay']} on matrices (`param_groups`), each candidate with "
+      "its own state over the same parameters. Fused candidates compile during the untimed warm-up.")
+    w("")
+
+    # verdicts
+    w("## Verdicts")
+    w("")
+    w("| target | measured | verdict | note |")
+    w("|---|---|---|---|")
+    for v in report["verdicts"]:
+        verdict = "report" if v["met"] is None else ("**met**" if v["met"] else "**not met**")
+        w(f"| {v['target']} | {v['measured']} | {verdict} | {v['note']} |")
+    w("")
+
+    # (a)+(c) step tables
+    w("## (a) Optimizer step, and (c) the bytes-moved floor")
+    w("")
+    w("*floor B/p*: parameter-sized buffers a step must read plus write at the least, for the algorithm as this "
+      "path runs it (one pass per kernel, nothing cached): fused AdamW 7 (read p, g, m, v; write p, m, v); a rule "
+      "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); hyper-learning 3S+6: the vjp kernel "
+      "recomputes the last update from its recorded inputs (read g_old, S old buffers, and the new gradient as "
+      "cotangent: S+2), then the update reads p, g and S old buffers and writes S new buffers, the gradient record "
+      "and p (2S+4); the eager hyper path also records a copy of x where weight decay reads it (+2). On a "
+      "memory-bound CPU step, *floor x* = floor / 7 is the best ratio to fused AdamW the algorithm can reach, "
+      "and *efficiency* = floor x / measured x (1.0: as close to the bandwidth floor as fused AdamW). "
+      "*GB/s*: floor bytes over the median time. Eager candidates run in a separate interleaved group with fewer "
+      "rounds (*rounds*), each group with its own fused AdamW; their ratios are to that group's fused AdamW.")
+    w("")
+    for model, tab in report["step"].items():
+        w(f"### {model}: {tab['n_params'] / 1e6:.2f}M parameters in {tab['param_tensors']} tensors")
+        w("")
+        w("| optimizer | path | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency "
+          "| GB/s | rounds | faults/step |")
+        w("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        for n, r in tab["results"].items():
+            pr = r["paired_ratio_to_fused"]
+            w(f"| {n} | {_path(n)} | {r['median_ms']:.1f} | {r['ratio_to_fused']:.2f} | {pr['median']:.2f} "
+              f"({pr['p25']:.2f}-{pr['p75']:.2f}) | {_f(r.get('floor_bytes'), '{:.0f}')} | {_f(r.get('floor_ratio'))} "
+              f"| {_f(r.get('floor_efficiency'))} | {_f(r.get('achieved_gb_s'), '{:.1f}')} | {r['n']} "
+              f"| {_f(r.get('minor_faults_per_step'), '{:.0f}')} |")
+        w("")
+
+    findings = _findings(report)
+    if findings:
+        w("### What the step tables say about the hyper-learning step")
+        w("")
+        for f in findings:
+            w(f"- {f}")
+        w("")
+
+    # (b) memory
+    mem = report.get("memory")
+    if mem:
+        w("## (b) Buffers and peak memory")
+        w("")
+        w(f"Model {mem['model']} ({mem['n_params'] / 1e6:.2f}M parameters, {mem['param_bytes'] / 2 ** 20:.1f} MiB "
+          f"per parameter-sized buffer). Counts are in parameter-sized buffers.")
+        w("")
+        w("*analytic*: from the code. torch AdamW keeps exp_avg and exp_avg_sq (2). A rule keeps its S = "
+          "`len(family.states)` parameter-sized buffers (scalar buffers, NAdam's running product, are not counted); "
+          "the eager path builds new buffers and swaps them in, the fused path updates in place. Hyper-learning "
+          "keeps, besides the S buffers, the inputs of the last update for the next step's vjp: the fused path "
+          "double-buffers (a spare set of S, into which the next update writes) and keeps one gradient record "
+          "(with L2 decay the record holds g + wd x, so no copy of x): 2S+1. The eager path keeps the old S buffers "
+          "and a copy of the gradient, plus a copy of x where weight decay (or the rule) reads it; a buffer whose new "
+          "value is the gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
+        w("")
+        w(f"*measured*: a fresh optimizer per candidate over its first {mem['steps']} steps ({mem['method']}): "
+          "*kept* is the allocator's level after the steps minus before, *reachable* the distinct tensor storages "
+          "reachable from the optimizer object (state, buckets, records, spare buffers; parameters and gradients "
+          "excluded), *peak* the highest level above the model during the steps, *step transient* the peak of the "
+          "last (steady) step above its starting level, *alloc/step* the bytes the last step allocated (every "
+          "allocated temporary is written and read at least once). *peak / analytic* compares the measured peak "
+          f"with the buffer count's prediction (target <= {TARGET_PEAK}).")
+        w("")
+        w("| optimizer | path | analytic | formula | kept | reachable | peak | peak / analytic | peak vs fused AdamW "
+          "| step transient | alloc/step |")
+        w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for n, r in mem["results"].items():
+            w(f"| {n} | {_path(n)} | {_f(r.get('analytic_buffers'))} | {r.get('analytic_formula', '-')} "
+              f"| {r['measured_buffers']:.2f} | {r['reachable_buffers']:.2f} | {r['peak_buffers']:.2f} "
+              f"| {_f(r.get('peak_over_prediction'))} | {_f(r.get('peak_vs_fused_adamw'))} "
+              f"| {r['step_transient_buffers']:.2f} | {r['step_alloc_buffers']:.2f} |")
+        w("")
+        w("Count per rule (analytic, parameter-sized buffers):")
+        w("")
+        w("| rule | S (rule alone) | hyper-learning, fused path (2S+1) | hyper-learning, eager path |")
+        w("|---|---:|---:|---:|")
+        for rule in ["mada"] + list(RULE_KWARGS):
+            fam = family(rule)
+            S = len(tensor_states(fam))
+            alias = _grad_alias_states(fam)
+            decoupled = fam.weight_decay_mode != "l2"
+            eager = 2 * S + 2 - (alias if decoupled else 0)
+            fused = f"{2 * S + 1}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
+            w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
+        w("")
+
+    # (d) train
+    if report.get("train"):
+        w("## (d) Whole train step")
+        w("")
+        w("zero_grad, forward, backward and optimizer step of a char GPT, each candidate on its own copy of the "
+          "same initial model, the same random-token batch per round (the cost does not depend on the data), "
+          "round-robin, median over the timed rounds. No gradient clipping. *projected x*: the ratio at a larger "
+          "batch, forward+backward scaled linearly from the measured pooled median, optimizer steps as measured "
+          "(an estimate, not a measurement).")
+        w("")
+        for label, tab in report["train"].items():
+            w(f"### {label}: {tab['model']} ({tab['n_params'] / 1e6:.2f}M parameters, {tab['n_layer']} layers, "
+              f"{tab['n_embd']} wide, block {tab['block_size']}, batch {tab['batch']}, dropout {tab['dropout']}), "
+              f"{tab['steps']} timed rounds")
+            w("")
+            head = "| optimizer | train step ms | fwd+bwd ms | opt step ms | x fused AdamW | paired x (p25-p75) |"
+            sep = "|---|---:|---:|---:|---:|---|"
+            if tab.get("project_batch") and tab["project_batch"] != tab["batch"]:
+                head += f" projected x at batch {tab['project_batch']} |"
+                sep += "---:|"
+            w(head)
+            w(sep)
+            for n, r in tab["results"].items():
+                pr = r["paired_ratio_to_fused"]
+                line = (f"| {n} | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['opt_step_ms']:.1f} "
+                        f"| {r['ratio_to_fused']:.3f} | {pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f}) |")
+                if "projected_ratio" in r:
+                    line += f" {r['projected_ratio']:.3f} |"
+                w(line)
+            w("")
+
+    # (e) scaling
+    sc = report.get("scaling")
+    if sc:
+        w("## (e) Step time against parameter count")
+        w("")
+        w(f"Square 3-layer GELU MLPs (in = hidden = width, 10 outputs), fixed gradients, candidates interleaved, "
+          f"median of {sc['steps']} rounds per size. *ms/M*: milliseconds per million parameters; linear scaling "
+          "means a flat ms/M column (above a fixed per-step overhead at small sizes).")
+        w("")
+        names = list(sc["rows"][0]["results"])
+        w("| params | width | " + " | ".join(f"{n} ms | {n} ms/M" for n in names) + " | " +
+          " | ".join(f"{n} x fused" for n in names if n != FUSED) + " |")
+        w("|---:|---:|" + "---:|---:|" * len(names) + "---:|" * len([n for n in names if n != FUSED]))
+        for row in sc["rows"]:
+            res = row["results"]
+            w(f"| {row['n_params'] / 1e6:.2f}M | {row['width']} | "
+              + " | ".join(f"{res[n]['median_ms']:.1f} | {res[n]['ms_per_m']:.2f}" for n in names) + " | "
+              + " | ".join(f"{res[n]['ratio_to_fused']:.2f}" for n in names if n != FUSED) + " |")
+        w("")
+        w("Least-squares fit `ms = a + b * (params in M)`:")
+        w("")
+        w("| optimizer | a (ms) | b (ms per M params) | R^2 | largest relative residual |")
+        w("|---|---:|---:|---:|---:|")
+        for n, fit in sc["fits"].items():
+            w(f"| {n} | {_f(fit['intercept_ms'])} | {_f(fit['slope_ms_per_m'], '{:.3f}')} | {_f(fit['r2'], '{:.4f}')} "
+              f"| {_f(fit['max_rel_residual'], '{:.1%}')} |")
+        w("")
+
+    # (f) tower
+    tw = report.get("tower")
+    if tw:
+        w("## (f) Tower depth")
+        w("")
+        w("MADA learning its six coefficients with a tower of depth 1, 2 and 3, interleaved with fused AdamW. "
+          "*extra*: median over rounds of the paired ratio to the tower one level shorter, minus 1 (quartiles in "
+          "brackets); *extra ms*: median of the paired differences. A level updates a vector of a few coefficients, "
+          "by the same code on the eager and the fused path, so its cost does not grow with the model: the second "
+          "table measures it on a tiny model, where it is resolvable, and the estimate relates it to the large "
+          "model's step.")
+        w("")
+        fmt = (lambda e: f"{e['median'] - 1:+.1%} ({e['p25'] - 1:+.1%} to {e['p75'] - 1:+.1%})" if e else "-")
+        for tab in (tw, report.get("tower_small")):
+            if not tab:
+                continue
+            w(f"### {tab['model']} ({tab['n_params'] / 1e6:.3g}M parameters), {'fused' if tab['fused'] else 'eager'} "
+              f"path, {tab['steps']} timed rounds, fused AdamW {tab['fused_adamw_ms']:.2f} ms")
+            w("")
+            w("| depth | tower | median ms | x fused AdamW | extra vs one level less | extra ms | extra vs depth 1 |")
+            w("|---|---|---:|---:|---|---:|---|")
+            for d, r in tab["results"].items():
+                tower = " <- ".join(r["tower"])
+                w(f"| {d[5:]} | `{tower}` | {r['median_ms']:.2f} | {r['ratio_to_fused']:.2f} "
+                  f"| {fmt(r.get('extra_vs_previous'))} | {_f(r.get('extra_ms_vs_previous'), '{:+.3f}')} "
+                  f"| {fmt(r.get('extra_vs_depth1'))} |")
+            w("")
+        est = tower_level_estimate(report)
+        if est:
+            small = report["tower_small"]
+            w(f"Estimate: extra ms per level on {small['model']} / depth-1 median step on {tw['model']} "
+              f"({tw['results']['depth1']['median_ms']:.1f} ms): "
+              + ", ".join(f"{d} {e:+.3%}" for d, e in est.items()) + ".")
+            w("")
+
+    w("## Phases")
+    w("")
+    w("| phase | seconds | load before | load after |")
+    w("|---|---:|---|---|")
+    for k, v in report["phases"].items():
+        w(f"| {k} | {v['seconds']:.0f} | {v['loadavg_before']} | {v['loadavg_after']} |")
+    w("")
+    text = "\n".join(L)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODEL_CHOICES, default="gpt10m")
-    p.add_argument("--steps", type=int, default=20, help="timed rounds (median over these); default 20")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed rounds (median over these); default 20 (--all: 15 for the fast group)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first; default 2")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated candidates (the torch AdamW baselines always run): "
                         + ",".join(CANDIDATES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=torch.device, default=None, help="cpu, cuda, cuda:1...; default cuda if available")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path; default {DEFAULT_OUT}")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    a = p.add_argument_group("--all: the whole performance report of issue #5")
+    a.add_argument("--all", action="store_true", help="run (a)-(f) and write one report (see module docstring)")
+    a.add_argument("--doc", type=Path, default=None, help="with --all: also write the markdown page here")
+    a.add_argument("--models", default="gpt10m,mlp10m", help="models of the step table; default gpt10m,mlp10m")
+    a.add_argument("--slow-steps", type=int, default=3, help="timed rounds of the eager group; default 3")
+    a.add_argument("--memory-model", default="gpt10m", help="model of the memory table ('' to skip)")
+    a.add_argument("--train-steps", type=int, default=5, help="timed rounds of the Shakespeare-config train step; "
+                                                                   "default 5")
+    a.add_argument("--demo-train-steps", type=int, default=20, help="timed rounds of the demo train step; default 20")
+    a.add_argument("--shakespeare-batch", type=int, default=4,
+                   help="batch of the nanoGPT Shakespeare-config train step (nanoGPT uses 64: too slow on a CPU); "
+                        "the ratio is also projected to 64. Default 4")
+    a.add_argument("--no-train", action="store_true", help="skip the train-step tables")
+    a.add_argument("--scaling-sizes", type=_floats, default=[1, 5, 10, 25, 50],
+                   help="MLP sizes in M parameters; default 1,5,10,25,50 ('' to skip)")
+    a.add_argument("--scaling-steps", type=int, default=6, help="timed rounds per scaling size; default 6")
+    a.add_argument("--tower-model", default="gpt10m", help="model of the tower table ('' to skip)")
+    a.add_argument("--tower-steps", type=int, default=30, help="timed rounds of the tower table; default 30")
+    a.add_argument("--tower-small-model", default="tiny",
+                   help="model of the small tower table (eager path; resolves a level's cost) ('' to skip)")
+    a.add_argument("--tower-small-steps", type=int, default=60, help="timed rounds of the small tower table")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    report = run(args.model, steps=args.steps, warmup=args.warmup, only=args.only, seed=args.seed,
-                 progress=not args.no_progress)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.all:
+        argv_list = list(sys.argv[1:] if argv is None else argv)
+        report = run_all(models=[m for m in args.models.split(",") if m], only=args.only,
+                         steps=args.steps if args.steps is not None else 15, warmup=args.warmup,
+                         slow_steps=args.slow_steps, memory_model=args.memory_model or None,
+                         train=() if args.no_train else (
+                             ("demo", "demo", 16, None, args.demo_train_steps),
+                             ("shakespeare", "gpt10m", args.shakespeare_batch, 64, args.train_steps)),
+                         scaling_sizes=args.scaling_sizes, scaling_steps=args.scaling_steps,
+                         tower_model=args.tower_model or None, tower_steps=args.tower_steps,
+                         tower_small_model=args.tower_small_model or None, tower_small_steps=args.tower_small_steps,
+                         device=args.device, seed=args.seed, progress=not args.no_progress)
+        report["argv"] = argv_list
+        report["out"] = os.path.relpath(args.out, REPO_ROOT) if args.out.is_absolute() else str(args.out)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"--all done in {report['seconds']:.0f} s\n")
+        for v in report["verdicts"]:
+            verdict = "report" if v["met"] is None else ("met" if v["met"] else "NOT MET")
+            print(f"[{verdict}] {v['target']}: {v['measured']}" + (f" ({v['note']})" if v["note"] else ""))
+        if args.doc:
+            write_doc(report, args.doc)
+            print(f"\nwrote {args.doc}")
+        print(f"wrote {args.out}")
+        return report
+    report = run(args.model, steps=args.steps if args.steps is not None else 20, warmup=args.warmup, only=args.only,
+                 seed=args.seed, progress=not args.no_progress, device=args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     cfg = report["config"]

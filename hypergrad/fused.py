@@ -42,13 +42,13 @@ def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed,
     return vjp_fn(cotangent)[0]
 
 
-def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t):
+def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t, precomputed):
     state = dict(zip(names, old_states))
     if mode == "l2":  # the record keeps the effective gradient g + wd x, so no copy of x is needed
         g = g + h["weight_decay"] * x
         h = {**h, "weight_decay": torch.zeros_like(h["weight_decay"])}
     g_store.copy_(g)
-    delta, new_state = displacement(family, g, state, x, h, t, mode)
+    delta, new_state = displacement(family, g, state, x, h, t, mode, precomputed)
     for name, buf in zip(names, new_states):
         buf.copy_(new_state[name])
     x.add_(delta)
@@ -81,6 +81,13 @@ class HyperKernels:
         return self._partial(self.family, self.mode, self.names, self.learn, g_old, list(old_states), cotangent, q,
                              dict(fixed), t)
 
+    def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
+        """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and
+        tensor set, not once per element inside the kernel."""
+        return {uid: v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+                for uid, v in self.family.scalar_values(h, t).items()}
+
     def update(self, x: Tensor, g: Tensor, old_states: Sequence[Tensor], new_states: Sequence[Tensor], g_store: Tensor,
-               h: Mapping[str, Tensor], t: Tensor):
-        self._update(self.family, self.mode, self.names, x, g, list(old_states), list(new_states), g_store, dict(h), t)
+               h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor]):
+        self._update(self.family, self.mode, self.names, x, g, list(old_states), list(new_states), g_store, dict(h), t,
+                     dict(precomputed))

@@ -369,7 +369,10 @@ class HyperOptimizer(RuleOptimizer):
         if self.nonfinite == "ignore":
             return True
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        # A NaN or Inf anywhere makes the sum non-finite; a sum reads each gradient once and writes
+        # nothing parameter-sized (isfinite() would write a bool tensor per gradient). Only a finite
+        # gradient whose sum overflows the dtype would be flagged wrongly, and then it is absurd anyway.
+        if not grads or bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads])).all()):
             return True
         if self.nonfinite == "raise":
             bad = [(gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
@@ -568,16 +571,21 @@ class HyperOptimizer(RuleOptimizer):
                 new_v = {n: unflatten_like(new[n], params) for n in self.family.state_names}
                 g_v = unflatten_like(g_store, params)
                 names = self.family.state_names
+                pre_by_set: Dict[int, Tuple[Dict, Dict]] = {}
                 for i, p in enumerate(params):
-                    h = dict(scalars)
-                    q_sub = self._q[0][self._set_indices(p)]
-                    for j, n in enumerate(self.learn):
-                        h[n] = q_sub[j]
+                    s = self._param_set[id(p)]
+                    if s not in pre_by_set:  # hyperparameters and hoisted scalars, once per coefficient set
+                        h = dict(scalars)
+                        q_sub = self._q[0][self._set_indices(p)]
+                        for j, n in enumerate(self.learn):
+                            h[n] = q_sub[j].to(torch.float64)
+                        pre_by_set[s] = (h, kern.scalars(h, t))
+                    h, pre = pre_by_set[s]
                     same = p.is_contiguous() and p.grad.is_contiguous()
                     shape = (lambda v: v.view(-1)) if same else (lambda v: v)
                     kern.update(shape(p), shape(p.grad if same else p.grad.contiguous()),
                                 [shape(old_v[n][i]) for n in names], [shape(new_v[n][i]) for n in names],
-                                shape(g_v[i]), h, t)
+                                shape(g_v[i]), h, t, pre)
                 self._install_state(bucket, new)
                 buf["spare"] = old
                 for p in params:

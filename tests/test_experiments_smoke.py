@@ -155,3 +155,73 @@ def test_demo_main_all_runs_on_tiny(tmp_path):
     assert results["lion"]["lr"] == pytest.approx(2e-4)
     # our AdamW rule follows torch.optim.AdamW on the same init and batches
     assert results["adamw"]["train_losses"] == pytest.approx(results["torch_adamw"]["train_losses"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bench --all
+def test_bench_analytic_counts_and_floors():
+    a = bench_step.analytic
+    assert a("torch_adamw_fused")["buffers"] == 2 and a("torch_adamw_fused")["floor_bytes"] == 7
+    assert a("adam")["buffers"] == a("adam_fused")["buffers"] == 2 and a("adam_fused")["floor_bytes"] == 7
+    assert a("mada_fused")["buffers"] == 6 and a("mada_fused")["floor_bytes"] == 15      # 2S+3
+    assert a("nadam")["buffers"] == 2                                                    # scalar mu_product not counted
+    assert a("mada_hyper_fused")["buffers"] == 13 and a("mada_hyper_fused")["floor_bytes"] == 24   # 2S+1, 3S+6
+    model = build_model("tiny", vocab_size=84)
+    groups = param_groups(model, 0.1)
+    eager = a("mada_hyper", groups)["buffers"]          # 2S+1 + x copy (decay group) - g_prev aliasing the g copy
+    frac = sum(p.numel() for p in groups[0]["params"]) / count_parameters(model)
+    assert eager == pytest.approx(12 + frac)
+    assert a("nope") is None
+    assert abs(count_parameters(bench_step.make_model("mlp10m", device=torch.device("meta"),
+                                                      **{k: bench_step.mlp_width(10e6) for k in ("in_features", "hidden")}))
+               - 10e6) < 0.2e6
+    fit = bench_step.linear_fit([1, 2, 4], [3, 5, 9])
+    assert fit["slope_ms_per_m"] == pytest.approx(2) and fit["intercept_ms"] == pytest.approx(1)
+    assert fit["r2"] == pytest.approx(1)
+
+
+def test_bench_memory_measured_matches_analytic():
+    tab = bench_step.memory_table("tiny", ["torch_adamw_fused", "adam", "mada", "mada_hyper"], torch.device("cpu"),
+                                  progress=False)
+    for name, r in tab["results"].items():
+        assert r["measured_buffers"] == pytest.approx(r["analytic_buffers"], abs=0.05), name
+        assert r["reachable_buffers"] == pytest.approx(r["analytic_buffers"], abs=0.05), name
+        assert r["peak_buffers"] >= r["measured_buffers"] - 1e-6
+    assert tab["results"]["torch_adamw_fused"]["peak_vs_fused_adamw"] == 1.0
+
+
+def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
+    cpu = torch.device("cpu")
+    report = bench_step.run_all(
+        models=["tiny", "mlp_tiny"], only=["adam", "mada", "mada_hyper"], steps=2, warmup=1, slow_steps=2,
+        memory_model="tiny", train=(("demo", "tiny", 4, None, 2), ("shakespeare", "tiny", 2, 8, 2)),
+        train_candidates=("torch_adamw_fused", "mada", "mada_hyper"), scaling_sizes=(0.005, 0.01), scaling_steps=2,
+        scaling_candidates=("torch_adamw_fused", "mada"), tower_model="tiny", tower_steps=2, tower_fused=False,
+        tower_small_model="tiny", tower_small_steps=2, device=cpu, progress=False)
+    assert report["kind"] == "all"
+    step = report["step"]["tiny"]["results"]
+    assert step["torch_adamw_fused"]["ratio_to_fused"] == 1.0 and step["mada_hyper"]["group"] == "slow"
+    assert step["mada"]["floor_bytes"] == 15 and step["mada"]["ratio_to_fused"] > 0
+    assert set(report["memory"]["results"]) == {"torch_adamw_fused", "torch_adamw_foreach", "adam", "mada", "mada_hyper"}
+    assert [r["n_params"] for r in report["scaling"]["rows"]] == sorted(r["n_params"] for r in report["scaling"]["rows"])
+    assert set(report["tower"]["results"]) == set(report["tower_small"]["results"]) == {"depth1", "depth2", "depth3"}
+    assert set(bench_step.tower_level_estimate(report)) == {"depth2", "depth3"}
+    assert "projected_ratio" in report["train"]["shakespeare"]["results"]["mada_hyper"]
+    targets = [v["target"] for v in report["verdicts"]]
+    assert any("2.5x" in t for t in targets) and any("tower" in t for t in targets) and any("linear" in t for t in targets)
+    doc = tmp_path / "performance.md"
+    text = bench_step.write_doc(report, doc)
+    assert doc.read_text() == text
+    for heading in ("## Verdicts", "## (a)", "## (b)", "## (d)", "## (e)", "## (f)", report["torch"]):
+        assert heading in text
+    assert "| mada_hyper | hyper eager |" in text
+
+
+def test_bench_all_cli_writes_json_and_doc(tmp_path):
+    out, doc = tmp_path / "b.json", tmp_path / "perf.md"
+    bench_step.main(["--all", "--models", "tiny", "--only", "adam", "--steps", "2", "--slow-steps", "1",
+                     "--memory-model", "tiny", "--tower-model", "", "--tower-small-model", "", "--scaling-sizes", "",
+                     "--no-train",
+                     "--device", "cpu", "--out", str(out), "--doc", str(doc), "--no-progress"])
+    report = json.loads(out.read_text())
+    assert report["kind"] == "all" and "--all" in report["argv"] and report["config"]["device"] == "cpu"
+    assert "## Verdicts" in doc.read_text() and "tiny" in report["step"]
