@@ -134,30 +134,6 @@ def test_bench_step_only_and_registry(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ demo
-def test_demo_train_function_runs_three_steps():
-    corpus = load_shakespeare()
-    cfg = dataclasses.replace(CONFIGS["tiny"], vocab_size=corpus.vocab_size)
-    batches = demo.fixed_batches(corpus, "train", 3, 4, cfg.block_size, seed=0)
-    evals = {s: demo.fixed_batches(corpus, s, 1, 4, cfg.block_size, seed=1) for s in SPLITS}
-    spec = next(s for s in demo.RUNS if s.name == "mada")
-    r = demo.train(spec, cfg, batches, evals, lr=1e-3, weight_decay=0.1, seed=0, progress=False)
-    assert r["steps_done"] == 3 and len(r["train_losses"]) == 3
-    assert math.isfinite(r["final_train_loss"]) and math.isfinite(r["final_val_loss"])
-
-
-def test_demo_main_all_runs_on_tiny(tmp_path):
-    out = tmp_path / "demo.json"
-    report = demo.main(["--model", "tiny", "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress"])
-    assert json.loads(out.read_text())["config"]["steps"] == 3
-    results = report["results"]
-    assert list(results) == [s.name for s in demo.RUNS]
-    assert all(math.isfinite(r["final_val_loss"]) for r in results.values())
-    assert results["lion"]["lr"] == pytest.approx(2e-4)
-    # our AdamW rule follows torch.optim.AdamW on the same init and batches
-    assert results["adamw"]["train_losses"] == pytest.approx(results["torch_adamw"]["train_losses"], rel=1e-5)
-
-
-# ------------------------------------------------------------------------------------------ bench --all
 def test_bench_analytic_counts_and_floors():
     a = bench_step.analytic
     assert a("torch_adamw_fused")["buffers"] == 2 and a("torch_adamw_fused")["floor_bytes"] == 7
