@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = ["ConfigError", "TrainConfig", "parse_config", "parse_coefs", "config_help", "config_from_dict",
-           "BUILTIN_OPTIMIZERS"]
+           "BUILTIN_OPTIMIZERS", "optimizer_names"]
 
 T = TypeVar("T")
 
@@ -86,6 +86,8 @@ class TrainConfig:
     log_interval: int = field(default=10, metadata=_help("write an iter line to the JSONL log every this many"))
     checkpoint_interval: int = field(default=0, metadata=_help("checkpoint every this many iters (0: end only)"))
     checkpoint: bool = field(default=True, metadata=_help("write checkpoints at all"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from out_dir/ckpt.pt (same config; progress, threads and the intervals may change)"))
     out_dir: str = field(default="runs/train", metadata=_help("log.jsonl, ckpt.pt and summary.json go here"))
     seed: int = field(default=1337, metadata=_help("model init, dropout and training batches"))
     threads: int = field(default=0, metadata=_help("torch.set_num_threads (0: leave as is)"))
@@ -114,13 +116,20 @@ class TrainConfig:
         need(self.hyper_lr >= 0 and math.isfinite(self.hyper_lr), "hyper_lr", ">= 0")
         need(self.clip_hypergrad is None or self.clip_hypergrad > 0, "clip_hypergrad", "> 0 or none")
         need(self.lr_decay_iters is None or self.lr_decay_iters >= 1, "lr_decay_iters", ">= 1 or none")
-        need(bool(self.optimizer.strip()), "optimizer", "a non-empty name")
+        need(self.optimizer in optimizer_names(), "optimizer", "one of " + ", ".join(optimizer_names()))
         need(bool(self.out_dir.strip()), "out_dir", "a non-empty path")
         parse_coefs(self.coefs)   # raises ConfigError on a malformed string
 
     @property
     def decay_iters(self) -> int:
         return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+def optimizer_names() -> Tuple[str, ...]:
+    """Every value ``--optimizer`` accepts: the built-ins, the other rules, and ``rule:<name>`` for every rule."""
+    from optimizers import RULES   # experiments -> optimizers is the allowed import direction
+    rules = sorted(RULES)
+    return (*BUILTIN_OPTIMIZERS, *[r for r in rules if r not in BUILTIN_OPTIMIZERS], *[f"rule:{r}" for r in rules])
 
 
 # ------------------------------------------------------------------------------------------ parsing

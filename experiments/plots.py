@@ -65,16 +65,13 @@ def _as_log(x: LogLike) -> Log:
     return x if isinstance(x, dict) else read_log(x)
 
 
-def _smooth(values: Sequence[Optional[float]], alpha: float = 0.1) -> List[Optional[float]]:
-    """Exponential moving average (bias-corrected), skipping missing values."""
-    out, avg, weight = [], 0.0, 0.0
-    for v in values:
-        if v is None:
-            out.append(None)
-            continue
-        avg = (1 - alpha) * avg + alpha * v
-        weight = (1 - alpha) * weight + alpha
-        out.append(avg / weight)
+def _smooth(values: Sequence[float], points: int = 40) -> List[float]:
+    """Centred moving average over about ``len(values) / points`` neighbours (no lag, unlike an EMA)."""
+    half = max(len(values) // points, 1) // 2
+    out = []
+    for i in range(len(values)):
+        window = values[max(i - half, 0): i + half + 1]
+        out.append(sum(window) / len(window))
     return out
 
 

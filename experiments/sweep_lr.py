@@ -21,14 +21,13 @@ import json
 import logging
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from experiments.config import ConfigError, parse_config
+from experiments.config import ConfigError, TrainConfig, config_from_dict, parse_config
 from experiments.data import load_shakespeare
 from experiments.demo import DemoConfig, train_config
 from experiments.train import git_commit, package_versions, run as train_run
@@ -39,18 +38,23 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DOC = REPO_ROOT / "docs" / "demo_lr_sweep.md"
+GRID = "5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2"   # factors of 2; the same grid for both optimizers
 _BEST_RE = re.compile(r"<!-- best_lr: (\{.*?\}) -->")
 
 
 @dataclass
 class SweepConfig:
-    adamw_lrs: str = field(default="5e-4,1e-3,2e-3,4e-3,8e-3", metadata={"help": "comma-separated AdamW lrs"})
-    mada_lrs: str = field(default="5e-4,1e-3,2e-3,4e-3,8e-3", metadata={"help": "comma-separated MADA lrs"})
+    adamw_lrs: str = field(default=GRID, metadata={"help": "comma-separated AdamW lrs"})
+    mada_lrs: str = field(default=GRID, metadata={"help": "comma-separated MADA lrs"})
     seed: int = field(default=0, metadata={"help": "seed of every sweep run (the demo uses 1337)"})
     max_iters: Optional[int] = field(default=None, metadata={"help": "iterations per run (None: the demo's)"})
+    threads: int = field(default=0, metadata={"help": "torch threads per run (0: torch's default); results "
+                                                     "differ from another thread count by float rounding only"})
+    model: str = field(default="demo", metadata={"help": "GPT config (the demo's; tests use tiny)"})
     out: str = field(default=str(DEFAULT_DOC), metadata={"help": "the markdown file to write"})
     runs_dir: str = field(default="runs/lr_sweep", metadata={"help": "logs and checkpoints of the runs"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars on stderr"})
+    reuse: bool = field(default=True, metadata={"help": "reuse a finished run of runs_dir whose config is identical"})
 
 
 def _lrs(text: str, key: str) -> List[float]:
@@ -63,19 +67,38 @@ def _lrs(text: str, key: str) -> List[float]:
     return values
 
 
+def _finished(cfg) -> Optional[Dict[str, Any]]:
+    """The summary of a finished run in ``cfg.out_dir`` with exactly this config (progress aside), else None."""
+    path = Path(cfg.out_dir) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    try:   # a field added to TrainConfig since that run counts at its default value
+        saved = config_from_dict(TrainConfig, {**summary.get("config", {}), "progress": cfg.progress})
+    except ConfigError:
+        return None
+    same = saved == cfg
+    if not same:
+        return None
+    return summary if summary.get("iters_done") == cfg.max_iters or summary.get("diverged") else None
+
+
 def run(s: SweepConfig) -> Dict[str, Any]:
-    demo = DemoConfig(seed=s.seed, progress=s.progress, out_dir=s.runs_dir,
+    demo = DemoConfig(seed=s.seed, progress=s.progress, out_dir=s.runs_dir, model=s.model,
                       **({} if s.max_iters is None else {"max_iters": s.max_iters}))
     grids = {"adamw": _lrs(s.adamw_lrs, "adamw_lrs"), "mada": _lrs(s.mada_lrs, "mada_lrs")}
     corpus = load_shakespeare()
-    start = time.perf_counter()
     results: Dict[str, List[Dict[str, Any]]] = {}
     for optimizer, lrs in grids.items():
         results[optimizer] = []
         for lr in lrs:
-            cfg = train_config(demo, optimizer, lr, checkpoint=False)
+            cfg = train_config(demo, optimizer, lr, checkpoint=False, threads=s.threads)
             cfg = dataclasses.replace(cfg, out_dir=str(Path(s.runs_dir) / f"{optimizer}_lr{lr:g}"))
-            summary = train_run(cfg, corpus=corpus)
+            summary = _finished(cfg) if s.reuse else None
+            if summary is None:
+                summary = train_run(cfg, corpus=corpus)
+            else:
+                log.info("reusing %s (same config)", cfg.out_dir)
             results[optimizer].append({k: summary[k] for k in (
                 "lr", "final_train_loss", "final_val_loss", "best_train_loss", "best_val_loss", "best_val_iter",
                 "diverged", "wall_s", "ms_per_step", "coefficients")})
@@ -86,8 +109,9 @@ def run(s: SweepConfig) -> Dict[str, Any]:
     base = train_config(demo, "adamw", 1.0)   # the shared settings; lr, optimizer and out_dir are dropped
     shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("optimizer", "lr", "out_dir", "progress")}
     return {"sweep": dataclasses.asdict(s), "train_config": shared, "results": results, "best_lr": best,
-            "git": git_commit(), "versions": package_versions(), "torch_num_threads": torch.get_num_threads(),
-            "total_wall_s": time.perf_counter() - start}
+            "git": git_commit(), "versions": package_versions(),
+            "torch_num_threads": s.threads or torch.get_num_threads(),
+            "total_wall_s": sum(r["wall_s"] for rows in results.values() for r in rows)}
 
 
 def render(report: Dict[str, Any], command: str) -> str:
@@ -108,7 +132,7 @@ def render(report: Dict[str, Any], command: str) -> str:
         f"- command: `{command}`",
         f"- commit: `{commit}`",
         f"- torch {report['versions'].get('torch')}, python {report['versions'].get('python')}, "
-        f"{report['torch_num_threads']} threads; total {report['total_wall_s'] / 60:.0f} min",
+        f"torch threads {report['torch_num_threads']}; {report['total_wall_s'] / 60:.0f} min of runs in all",
         "- configuration (every run; `lr` and `optimizer` vary): "
         + ", ".join(f"{k}={v}" for k, v in cfg.items()),
         f"- losses are cross-entropy in nats per character on the fixed eval batches ({cfg['eval_iters']} x "

@@ -68,7 +68,8 @@ from torch import Tensor
 
 import hypergrad
 import optimizers
-from experiments.config import BUILTIN_OPTIMIZERS, ConfigError, TrainConfig, parse_coefs, parse_config
+from experiments.config import (ConfigError, TrainConfig, config_from_dict, optimizer_names, parse_coefs,
+                                parse_config)
 from experiments.data import TRAIN_FRACTION, CharCorpus, load_shakespeare
 from experiments.model import CONFIGS, GPT, GPTConfig, count_parameters, param_groups
 
@@ -84,12 +85,6 @@ LOG_NAME, CKPT_NAME, SUMMARY_NAME = "log.jsonl", "ckpt.pt", "summary.json"
 ADAM_CONVENTION = ("adam", "adamw", "amsgrad", "avgrad", "yogi", "adan", "nadam", "mada")
 # Short names of learned coefficients for the progress bar.
 _SHORT = {"beta1": "b1", "beta2": "b2", "beta3": "b3", "gamma": "gam"}
-
-
-def optimizer_names() -> Tuple[str, ...]:
-    """Every value ``--optimizer`` accepts (``rule:<name>`` for each rule as well)."""
-    rules = sorted(optimizers.RULES)
-    return (*BUILTIN_OPTIMIZERS, *[r for r in rules if r not in BUILTIN_OPTIMIZERS], *[f"rule:{r}" for r in rules])
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -244,11 +239,11 @@ def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
 
 
 class JsonlLog:
-    """Append-only JSON lines, flushed after each line (a killed run keeps what it logged)."""
+    """JSON lines, flushed after each line (a killed run keeps what it logged)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self._f = open(path, "w", encoding="utf-8")
+        self._f = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: Dict[str, Any]) -> None:
         self._f.write(json.dumps(record, allow_nan=False) + "\n")
@@ -258,6 +253,35 @@ class JsonlLog:
         self._f.close()
 
 
+# Fields that may differ between a checkpoint's config and the config that resumes it.
+RESUME_MAY_CHANGE = ("resume", "progress", "threads", "checkpoint_interval", "log_interval", "eval_interval")
+
+
+def _resume_checkpoint(path: Path, cfg: TrainConfig) -> Dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"resume=True but there is no checkpoint {path}")
+    ck = load_checkpoint(path)
+    saved = config_from_dict(TrainConfig, ck["config"])
+    changed = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in dataclasses.asdict(cfg)
+               if k not in RESUME_MAY_CHANGE and getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"resume: the config differs from the checkpoint's ({'; '.join(changed)}); only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change")
+    log.info("resuming %s from iteration %d", path, ck["iter"])
+    return ck
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop the log lines a crashed run wrote after its last checkpoint (atomically)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("iter", -1) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]:
     """Train one GPT as ``cfg`` says; return (and write to ``out_dir/summary.json``) the summary.
@@ -265,10 +289,20 @@ def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]
     The summary holds final and best train/val loss (on the fixed eval batches), the iteration of
     the best val loss, wall time of the whole run, training time (forward, backward, clipping and
     step only) and ms per step, the final learned coefficients, and the output paths.
+    ``cfg.threads`` applies for the duration of the call only.
     """
-    wall_start = time.perf_counter()
+    previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, corpus)
+    finally:
+        if cfg.threads:
+            torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: TrainConfig, corpus: Optional[CharCorpus]) -> Dict[str, Any]:
+    wall_start = time.perf_counter()
     corpus = load_shakespeare() if corpus is None else corpus
     gpt = model_config(cfg, corpus.vocab_size)
     T = gpt.block_size
@@ -291,16 +325,28 @@ def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     hyper = isinstance(opt, hypergrad.HyperOptimizer)
 
-    jlog = JsonlLog(out_dir / LOG_NAME)
-    jlog.write(manifest(cfg, gpt, n_params, corpus))
-    log.info("%s: %s GPT, %d parameters, %d iters of %d x %d x %d tokens, lr %.2e -> %s",
-             cfg.optimizer, cfg.model, n_params, cfg.max_iters, cfg.grad_accum, cfg.batch_size, T, cfg.lr, out_dir)
-
     ckpt_path = out_dir / CKPT_NAME
     evals: List[Dict[str, Any]] = []
     train_s = 0.0
+    start_iter = 0
+    if cfg.resume:
+        # Everything the next iteration depends on: weights, optimizer (for HyperOptimizer: model
+        # state, coefficients and the whole tower), schedule position, both RNGs, and the history.
+        ck = _resume_checkpoint(ckpt_path, cfg)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        data_gen.set_state(ck["rng"]["data"])
+        start_iter, evals, train_s = int(ck["iter"]), list(ck["evals"]), float(ck["train_s"])
+        _truncate_log(out_dir / LOG_NAME, start_iter)
+    jlog = JsonlLog(out_dir / LOG_NAME, append=cfg.resume)
+    jlog.write({**manifest(cfg, gpt, n_params, corpus), **({"resumed_from_iter": start_iter} if cfg.resume else {})})
+    log.info("%s: %s GPT, %d parameters, %d iters of %d x %d x %d tokens, lr %.2e -> %s",
+             cfg.optimizer, cfg.model, n_params, cfg.max_iters, cfg.grad_accum, cfg.batch_size, T, cfg.lr, out_dir)
+
     diverged = False
-    it = 0
+    iters_done = start_iter
     last_loss = float("nan")
 
     def do_eval(iteration: int) -> Dict[str, Any]:
@@ -322,16 +368,17 @@ def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]
         coefs = _learned(opt)[0]
         save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
                         scheduler=sched.state_dict(), config=dataclasses.asdict(cfg), iter=iteration,
-                        coefficients=coefs, evals=[{k: v for k, v in e.items() if k != "coefficients"} for e in evals],
+                        coefficients=coefs, evals=evals, train_s=train_s,
                         rng={"torch": torch.get_rng_state(), "data": data_gen.get_state()})
 
     bar = None
     if cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, desc=cfg.optimizer, file=sys.stderr, dynamic_ncols=True, leave=True)
+        bar = tqdm(total=cfg.max_iters, initial=start_iter, desc=cfg.optimizer, file=sys.stderr,
+                   dynamic_ncols=True, leave=True)
     try:
-        last_eval = do_eval(0)
-        for it in range(cfg.max_iters):
+        last_eval = evals[-1] if evals else do_eval(0)
+        for it in range(start_iter, cfg.max_iters):
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             loss_sum = 0.0
@@ -348,7 +395,7 @@ def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]
             sched.step()
             train_s += time.perf_counter() - t0
             last_loss = loss_sum / cfg.grad_accum
-            done = it + 1
+            done = iters_done = it + 1
             if not math.isfinite(last_loss):
                 log.warning("%s: non-finite training loss at iter %d; stopping the run", cfg.optimizer, done)
                 diverged = True
@@ -372,7 +419,6 @@ def run(cfg: TrainConfig, corpus: Optional[CharCorpus] = None) -> Dict[str, Any]
                 if hyper:
                     postfix += " " + " ".join(f"{_SHORT.get(k, k)}={v:.3f}" for k, v in _learned(opt)[0].items())
                 bar.set_postfix_str(postfix, refresh=False)
-        iters_done = it + 1 if cfg.max_iters else 0
         if diverged and (not evals or evals[-1]["iter"] != iters_done):
             do_eval(iters_done)
         checkpoint(iters_done)
