@@ -1,12 +1,15 @@
 """Safe checkpoints: atomic, integrity-checked, and free of pickled objects.
 
-* ``save(path, payload)`` writes ``MAGIC + sha256(body) + body`` where ``body`` is ``torch.save``
-  of a dict of tensors, numbers, strings, lists and dicts, to a temporary file in the same folder,
-  flushes and fsyncs it, then ``os.replace``s it over ``path``: a crash while writing leaves the
-  previous checkpoint intact.
-* ``load(path)`` checks the header and the digest (a truncated or modified file is a
-  ``CheckpointError`` naming the file, before anything is unpickled), then reads the body with
-  ``torch.load(weights_only=True)``: a file crafted to run code on load is refused, not run.
+* ``save(path, payload)`` writes an ordinary ``torch.save`` file holding
+  ``{"format": FORMAT, "sha256": digest, "payload": payload}``, where ``payload`` is a dict of
+  tensors, numbers, strings, lists and dicts and ``digest`` hashes every key, value and tensor
+  byte of it. It is written to a temporary file in the same folder, flushed and fsynced, then
+  ``os.replace``d over ``path``: a crash while writing leaves the previous checkpoint intact. The
+  file loads with plain ``torch.load(path, weights_only=True)``.
+* ``load(path)`` reads with ``torch.load(weights_only=True)`` (a file crafted to run code on load
+  is refused, not run) and recomputes the digest: a truncated or modified file is a
+  ``CheckpointError`` naming the file (torch's zip format does not notice a flipped byte inside a
+  tensor; the digest does).
 * ``restore(model, optimizer, payload)`` validates the model's keys and shapes and the optimizer
   state's structure *before* changing anything, so a mismatched checkpoint leaves the running
   model and optimizer untouched.
@@ -14,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 from pathlib import Path
@@ -23,27 +25,49 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save", "load", "restore"]
+__all__ = ["CheckpointError", "save", "load", "restore", "FORMAT"]
 
-MAGIC = b"HYPERGRAD-CKPT-1\n"
-_DIGEST = 32
+FORMAT = "hypergrad-checkpoint-1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupt, tampered with, or for another model/optimizer."""
 
 
+def _digest(obj) -> str:
+    """SHA-256 over a canonical walk of plain data and tensor bytes (independent of pickling)."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, Mapping):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[" if isinstance(x, list) else b"(")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(f"{type(x).__name__}:{x!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def save(path: os.PathLike, payload: Mapping[str, Any]) -> None:
     """Atomically write ``payload`` (plain data and tensors only) to ``path``."""
     path = Path(path)
-    buffer = io.BytesIO()
-    torch.save(dict(payload), buffer)
-    body = buffer.getvalue()
+    payload = dict(payload)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(hashlib.sha256(body).digest())
-        f.write(body)
+        torch.save({"format": FORMAT, "sha256": _digest(payload), "payload": payload}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -60,25 +84,22 @@ def save(path: os.PathLike, payload: Mapping[str, Any]) -> None:
 def load(path: os.PathLike, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by ``save``; raise ``CheckpointError`` if it is not intact."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
-    if not data.startswith(MAGIC):
-        raise CheckpointError(f"{path} is not a hypergrad checkpoint (missing header); it may be truncated, "
-                              f"or written by something else")
-    digest, body = data[len(MAGIC):len(MAGIC) + _DIGEST], data[len(MAGIC) + _DIGEST:]
-    if len(digest) < _DIGEST or hashlib.sha256(body).digest() != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match its SHA-256 digest "
-                              f"(truncated or modified after it was written)")
-    try:
-        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
         raise CheckpointError(f"checkpoint {path} holds something other than tensors and plain data; refused "
                               f"(weights_only loading): {err}") from err
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"checkpoint {path} does not hold a dict")
-    return payload
+    except Exception as err:  # torch reports truncation and foreign files as assorted errors
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint (truncated, modified, or "
+                              f"written by something else): {type(err).__name__}: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "payload" not in data:
+        raise CheckpointError(f"{path} is not a hypergrad checkpoint (format {FORMAT!r} expected)")
+    if _digest(data["payload"]) != data.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its content does not match its SHA-256 digest "
+                              f"(modified after it was written)")
+    return data["payload"]
 
 
 def restore(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], payload: Mapping[str, Any],
