@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = ["ConfigError", "TrainConfig", "parse_config", "parse_coefs", "config_help", "config_from_dict",
            "BUILTIN_OPTIMIZERS", "optimizer_names"]

@@ -18,7 +18,7 @@ train and val loss, wall time, time per step) and writes, under ``runs/demo/`` (
 ``losses.png``, ``mada_coefficients.png``, ``summary.json`` and each run's folder (``log.jsonl``,
 ``ckpt.pt``, ``summary.json``).
 
-Sized for about 5 minutes on 2 idle CPU cores (measured numbers: experiments/README.md).
+Sized for about 5.5 minutes on 2 CPU cores (measured: experiments/README.md, "make demo").
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"losses on {first['config']['eval_iters']} fixed batches of {first['config']['eval_batch_size']} per split "
           f"(initial train {first['initial_train_loss']:.3f}, val {first['initial_val_loss']:.3f}).\n")
     print(markdown_table(runs))
-    coefs = ", ".join(f"{k} {v:.3f}" for k, v in report["runs"]["mada"]["coefficients"].items())
+    coefs = ", ".join(f"{k} {v:.4f}" for k, v in report["runs"]["mada"]["coefficients"].items())
     print(f"\nMADA's final coefficients: {coefs}")
     print("wall s: the whole run, evaluations and checkpoints included; ms/step: forward, backward, clipping and "
           "optimizer step only.")

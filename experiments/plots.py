@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -121,13 +121,23 @@ def plot_losses(runs: Mapping[str, LogLike], path: Union[str, os.PathLike], titl
     return _save(fig, path)
 
 
+def mada_domains() -> Dict[str, Tuple[float, float]]:
+    """``{name: (low, high)}`` of MADA's interval coefficients (the projection bounds)."""
+    from optimizers import Interval, mada   # experiments -> optimizers: the allowed direction
+    return {n: (c.domain.low, c.domain.high) for n, c in mada().coefficients.items() if isinstance(c.domain, Interval)}
+
+
 def plot_coefficients(runs: Mapping[str, LogLike], path: Union[str, os.PathLike], title: Optional[str] = None,
-                      names: Sequence[str] = COEFFICIENTS) -> Path:
+                      names: Sequence[str] = COEFFICIENTS,
+                      domains: Optional[Mapping[str, Tuple[float, float]]] = None) -> Path:
     """One panel per coefficient (2 x 3 for MADA's six), each against iteration, runs overlaid.
 
     The trajectories come from the ``coefficients`` of the ``iter`` lines (every ``log_interval``
     iterations); the first point is the initial value, from the ``eval`` line at iteration 0.
+    Titles give each coefficient's domain (default: MADA's); a bound that a trajectory reaches is
+    drawn as a dotted line (the hyper-step projects onto the domain, so a coefficient can sit there).
     """
+    domains = mada_domains() if domains is None else domains
     ncols = 3
     nrows = (len(names) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.0 * ncols, 3.0 * nrows), squeeze=False)
@@ -140,10 +150,18 @@ def plot_coefficients(runs: Mapping[str, LogLike], path: Union[str, os.PathLike]
             recs = [r for r in run["evals"][:1] + run["iters"] if name in (r.get("coefficients") or {})]
             if not recs:
                 continue
-            ax.plot([r["iter"] for r in recs], [r["coefficients"][name] for r in recs],
-                    color=colors[i % len(colors)], lw=1.5, label=label)
+            values = [r["coefficients"][name] for r in recs]
+            ax.plot([r["iter"] for r in recs], values, color=colors[i % len(colors)], lw=1.5, label=label)
             drawn = True
-        ax.set_title(_LABELS.get(name, name) + (f"   ({_MEANING[name]})" if name in _MEANING else ""), fontsize=10)
+            if name in domains:
+                low, high = domains[name]
+                for bound in (low, high):
+                    if any(abs(v - bound) <= 1e-6 * max(1.0, abs(bound)) for v in values):
+                        ax.axhline(bound, color="gray", ls=":", lw=1)
+        label = _LABELS.get(name, name)
+        if name in domains:
+            label += f" in [{domains[name][0]:g}, {domains[name][1]:g}]"
+        ax.set_title(label + (f"   ({_MEANING[name]})" if name in _MEANING else ""), fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if drawn:

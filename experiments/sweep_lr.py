@@ -83,6 +83,12 @@ def _finished(cfg) -> Optional[Dict[str, Any]]:
     return summary if summary.get("iters_done") == cfg.max_iters or summary.get("diverged") else None
 
 
+def _run_commit(log_path: str) -> Dict[str, Any]:
+    """The ``git`` entry of a run's manifest (a reused run may predate the current commit)."""
+    with open(log_path, encoding="utf-8") as f:
+        return json.loads(f.readline()).get("git", {})
+
+
 def run(s: SweepConfig) -> Dict[str, Any]:
     demo = DemoConfig(seed=s.seed, progress=s.progress, out_dir=s.runs_dir, model=s.model,
                       **({} if s.max_iters is None else {"max_iters": s.max_iters}))
@@ -99,9 +105,9 @@ def run(s: SweepConfig) -> Dict[str, Any]:
                 summary = train_run(cfg, corpus=corpus)
             else:
                 log.info("reusing %s (same config)", cfg.out_dir)
-            results[optimizer].append({k: summary[k] for k in (
+            results[optimizer].append({**{k: summary[k] for k in (
                 "lr", "final_train_loss", "final_val_loss", "best_train_loss", "best_val_loss", "best_val_iter",
-                "diverged", "wall_s", "ms_per_step", "coefficients")})
+                "diverged", "wall_s", "ms_per_step", "coefficients")}, "git": _run_commit(summary["log"])})
     best = {}
     for optimizer, rows in results.items():
         scored = [r for r in rows if r["final_val_loss"] is not None and not r["diverged"]]
@@ -116,8 +122,17 @@ def run(s: SweepConfig) -> Dict[str, Any]:
 
 def render(report: Dict[str, Any], command: str) -> str:
     s, cfg = report["sweep"], report["train_config"]
-    git = report["git"]
-    commit = f"{git['commit']}{' (working tree had uncommitted changes)' if git['dirty'] else ''}"
+    def describe(git):
+        return f"{git.get('commit')}{' (+ uncommitted changes)' if git.get('dirty') else ''}"
+
+    runs_by_commit: Dict[str, List[str]] = {}
+    for optimizer, rows in report["results"].items():
+        for r in rows:
+            runs_by_commit.setdefault(describe(r.get("git", {})), []).append(f"{optimizer} {r['lr']:g}")
+    if len(runs_by_commit) == 1:
+        commit = f"`{next(iter(runs_by_commit))}`"
+    else:   # the runs were made (and reused) across commits: say which run used which
+        commit = "; ".join(f"`{c}` ({', '.join(names)})" for c, names in runs_by_commit.items())
     lines = [
         "# Learning-rate sweep for `make demo`",
         "",
@@ -130,7 +145,7 @@ def render(report: Dict[str, Any], command: str) -> str:
         f"(sweep seed {s['seed']}, demo seed {DemoConfig.seed}); the eval batches are the same.",
         "",
         f"- command: `{command}`",
-        f"- commit: `{commit}`",
+        f"- commit of each run: {commit}",
         f"- torch {report['versions'].get('torch')}, python {report['versions'].get('python')}, "
         f"torch threads {report['torch_num_threads']}; {report['total_wall_s'] / 60:.0f} min of runs in all",
         "- configuration (every run; `lr` and `optimizer` vary): "
@@ -154,7 +169,7 @@ def render(report: Dict[str, Any], command: str) -> str:
             if optimizer == "mada" and r["coefficients"]:
                 c = r["coefficients"]
                 note += (" " if note else "") + "final " + ", ".join(
-                    f"{k} {c[k]:.2f}" for k in ("beta1", "beta2", "beta3", "c", "rho", "gamma") if k in c)
+                    f"{k} {c[k]:.4f}" for k in ("beta1", "beta2", "beta3", "c", "rho", "gamma") if k in c)
             lines.append(f"| {optimizer} | {r['lr']:g} | {f(r['final_train_loss'])} | {f(r['final_val_loss'])} | "
                          f"{f(r['best_train_loss'])} | {f(r['best_val_loss'])} ({r['best_val_iter']}) | "
                          f"{r['ms_per_step']:.0f} | {note} |")

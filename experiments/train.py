@@ -37,12 +37,12 @@ Outputs under ``out_dir``:
   model sizes), then ``iter`` lines every ``log_interval`` iterations (minibatch loss, lr,
   gradient norm before clipping, learned coefficients and their hypergradients for hyper
   optimizers) and ``eval`` lines (train and val loss on the fixed eval batches);
-* ``ckpt.pt``: model and optimizer ``state_dict``, scheduler state, config, iteration, RNG states
-  and the learned coefficients as floats; plain containers of tensors, so
-  ``torch.load(path, weights_only=True)`` reads it. Written to a temporary file first, then
-  ``os.replace``\\ d, so a crash never leaves a half-written checkpoint. Note that
-  ``HyperOptimizer.state_dict()`` holds the model-level optimizer state only (not the
-  hyper-level state); the coefficients are saved separately as floats;
+* ``ckpt.pt``: model and optimizer ``state_dict`` (for a HyperOptimizer this includes the
+  coefficients and the whole tower's state), scheduler state, config, iteration, eval history,
+  RNG states and the learned coefficients as floats, written by ``hypergrad.checkpoint.save``:
+  plain containers of tensors under ``{"format", "sha256", "payload"}``, so
+  ``torch.load(path, weights_only=True)`` reads it; atomic (temporary file, then ``os.replace``)
+  and digest-checked by ``load_checkpoint``. ``--resume=true`` continues a run from it exactly;
 * ``summary.json``: what ``run`` returns.
 
 ``run(config) -> summary`` is the library entry point (the demo and the comparison suites call
@@ -51,6 +51,7 @@ it); ``main`` parses ``--key=value`` arguments (``experiments.config``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -187,7 +188,16 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 # ------------------------------------------------------------------------------------------ manifest
 def git_commit() -> Dict[str, Any]:
-    """``{"commit": HEAD or None, "dirty": bool or None}`` from ``git`` in the repository root."""
+    """``{"commit": HEAD or None, "dirty": bool or None}`` from ``git`` in the repository root.
+
+    Read once per process (the first call) and cached: the code a process runs is the code it
+    imported, even if the checkout moves on while a long sweep is running.
+    """
+    return dict(_git_commit_once())
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit_once() -> Dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -227,15 +237,14 @@ def manifest(cfg: TrainConfig, gpt: GPTConfig, n_params: int, corpus: CharCorpus
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, **payload) -> None:
-    """``torch.save`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """``hypergrad.checkpoint.save``: atomic (temporary file, fsync, ``os.replace``), with a SHA-256 digest."""
+    hypergrad.checkpoint.save(path, payload)
 
 
 def load_checkpoint(path: os.PathLike) -> Dict[str, Any]:
-    """A checkpoint written by ``run``, read with ``weights_only=True`` (no pickled objects)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The payload of a checkpoint written by ``run``: read with ``weights_only=True`` and its digest checked
+    (``hypergrad.checkpoint.load``; a truncated or modified file is a ``CheckpointError``)."""
+    return hypergrad.checkpoint.load(path)
 
 
 class JsonlLog:
@@ -333,8 +342,7 @@ def _run(cfg: TrainConfig, corpus: Optional[CharCorpus]) -> Dict[str, Any]:
         # Everything the next iteration depends on: weights, optimizer (for HyperOptimizer: model
         # state, coefficients and the whole tower), schedule position, both RNGs, and the history.
         ck = _resume_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        hypergrad.checkpoint.restore(model, opt, ck)   # checks keys, shapes and optimizer identity first
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"]["torch"])
         data_gen.set_state(ck["rng"]["data"])
@@ -417,7 +425,7 @@ def _run(cfg: TrainConfig, corpus: Optional[CharCorpus]) -> Dict[str, Any]:
                 bar.update(1)
                 postfix = f"loss={last_loss:.3f} val={last_eval['val_loss'] or float('nan'):.3f} lr={lr:.1e}"
                 if hyper:
-                    postfix += " " + " ".join(f"{_SHORT.get(k, k)}={v:.3f}" for k, v in _learned(opt)[0].items())
+                    postfix += " " + " ".join(f"{_SHORT.get(k, k)}={v:.4f}" for k, v in _learned(opt)[0].items())
                 bar.set_postfix_str(postfix, refresh=False)
         if diverged and (not evals or evals[-1]["iter"] != iters_done):
             do_eval(iters_done)

@@ -55,8 +55,10 @@ def test_train_writes_log_with_manifest_and_summary(tmp_path, optimizer):
 def test_checkpoint_loads_with_weights_only(tmp_path, optimizer):
     cfg = tiny(tmp_path, optimizer, optimizer=optimizer, checkpoint_interval=2)
     s = train.run(cfg)
-    assert not list((tmp_path / optimizer).glob("*.tmp"))       # atomic writes leave no temporaries
-    ck = torch.load(s["checkpoint"], weights_only=True)
+    assert not [p for p in (tmp_path / optimizer).iterdir() if "tmp" in p.name]   # atomic writes: no temporaries
+    raw = torch.load(s["checkpoint"], weights_only=True)                       # plain tensors and containers
+    ck = train.load_checkpoint(s["checkpoint"])                                # the same, digest checked
+    assert raw["payload"]["iter"] == ck["iter"]
     assert ck["iter"] == 6 and set(ck) >= {"model", "optimizer", "scheduler", "config", "rng", "coefficients"}
     assert config_from_dict(TrainConfig, ck["config"]) == cfg
     assert all(isinstance(v, float) for v in ck["coefficients"].values())
@@ -230,7 +232,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, optimizer):
     cfg = tiny(tmp_path, "crashed", checkpoint_interval=3, **kw)
     with pytest.raises(KeyboardInterrupt):
         train.run(cfg, corpus=_Crashing(load_shakespeare(), 7))              # dies in iteration 7
-    assert torch.load(tmp_path / "crashed" / "ckpt.pt", weights_only=True)["iter"] == 6
+    assert train.load_checkpoint(tmp_path / "crashed" / "ckpt.pt")["iter"] == 6
     resumed = train.run(dataclasses.replace(cfg, resume=True))
     assert resumed["iters_done"] == 8 and resumed["final_val_loss"] == straight["final_val_loss"]
     assert resumed["coefficients"] == straight["coefficients"]
