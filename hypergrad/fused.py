@@ -4,7 +4,8 @@ Two compiled functions per (family, weight-decay mode), each called once per par
 
 * ``partial_hypergradient``: the vjp of the recorded last update at the new gradient,
   ``g_{t+1}^T dDelta_t/dq`` for one tensor (``torch.func.vjp`` traced by ``torch.compile``: the
-  recomputation of the update and its reverse pass fuse into one reduction over the tensor);
+  recomputation of the update and its reverse pass fuse into one reduction over the tensor), and
+  the sum of ``g_{t+1}`` from the same loop, which is the non-finite check of that gradient;
 * ``update``: the model update with the fresh coefficients, reading the old buffers and writing
   the new ones into the *other* half of a double buffer, the gradient into the record buffer and
   the parameter in place.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from optimizers import Family
+from optimizers.expr import grad
 from optimizers.functional import displacement
 
 __all__ = ["HyperKernels"]
@@ -39,7 +41,9 @@ def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed,
         return displacement(family, g_old, state, zero, h, t, mode)[0]
 
     _, vjp_fn = torch.func.vjp(delta_of, q)
-    return vjp_fn(cotangent)[0]
+    # The sum of the cotangent (the new gradient) rides along in the same loop: it is the
+    # non-finite check of that gradient, at no extra pass over memory.
+    return vjp_fn(cotangent)[0], cotangent.sum()
 
 
 def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t, precomputed):
@@ -47,7 +51,8 @@ def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t, pr
     if mode == "l2":  # the record keeps the effective gradient g + wd x, so no copy of x is needed
         g = g + h["weight_decay"] * x
         h = {**h, "weight_decay": torch.zeros_like(h["weight_decay"])}
-    g_store.copy_(g)
+    if g_store is not None:  # None: a state buffer of the family is the gradient copy (see HyperKernels)
+        g_store.copy_(g)
     delta, new_state = displacement(family, g, state, x, h, t, mode, precomputed)
     for name, buf in zip(names, new_states):
         buf.copy_(new_state[name])
@@ -70,12 +75,17 @@ class HyperKernels:
             raise ValueError(f"fused hyper-learning: family {family.name!r} has scalar buffers; use fused=False")
         self.family, self.mode, self.learn = family, mode, tuple(learn)
         self.names = family.state_names
+        # A buffer defined as the gradient itself (MADA's and Adan's g_prev) holds, after an update,
+        # exactly the gradient that the next vjp needs: it doubles as the record (one buffer less
+        # to keep and to write per step).
+        self.gradient_state = next((s.name for s in family.states if s.definition is grad and not s.scalar), None)
         tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
         self._partial = _compiled(_partial, tag)
         self._update = _compiled(_update, tag)
 
     def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
-                              fixed: Mapping[str, Tensor], t: Tensor) -> Tensor:
+                              fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}))`` for one tensor."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
         return self._partial(self.family, self.mode, self.names, self.learn, g_old, list(old_states), cotangent, q,

@@ -14,9 +14,9 @@ def _tower():
             H.Level("sgd", lr=1e-6)]
 
 
-def _make(backend, model):
+def _make(backend, model, fused=False, **kwargs):
     return H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, backend=backend,
-                            tower=_tower(), **MADA_INTERIOR)
+                            tower=_tower(), fused=fused, **MADA_INTERIOR, **kwargs)
 
 
 def _steps(model, opt, loss_fns):
@@ -63,16 +63,30 @@ def test_load_refuses_a_different_hyper_optimizer():
         H.MADA(model.parameters()).load_state_dict(plain.state_dict())
 
 
-@pytest.mark.parametrize("backend", ["functional", "graph"])
-def test_nan_gradient_skips_the_step(backend):
+# The fused path checks recorded gradients through the sums its vjp kernels return (no extra pass),
+# and gradients outside the last update's records up front: both ways are injected here.
+@pytest.mark.parametrize("backend,fused,value,where", [
+    ("functional", False, "nan", "recorded"), ("graph", False, "nan", "recorded"),
+    ("functional", True, "nan", "recorded"), ("functional", True, "inf", "recorded"),
+    ("functional", True, "-inf", "recorded"), ("functional", True, "nan", "new")])
+def test_nan_gradient_skips_the_step(backend, fused, value, where):
     model, loss_fns = builtin_problem(6, seed=0)
-    opt = _make(backend, model)
-    _steps(model, opt, loss_fns[:3])
+    opt = _make(backend, model, fused=fused)
+    if where == "new":  # fc1.weight gets no gradient at the last good step: it is not in the records
+        for loss_fn in loss_fns[:3]:
+            opt.zero_grad()
+            loss_fn(model).backward()
+            if loss_fn is loss_fns[2]:
+                model.fc1.weight.grad = None
+            opt.step()
+        assert opt.fused and all(model.fc1.weight is not p for r in opt._records0 for p in r["params"])
+    else:
+        _steps(model, opt, loss_fns[:3])
     before = [p.detach().clone() for p in model.parameters()]
     q_before = [q.clone() for q in opt._q]
     opt.zero_grad()
     loss_fns[3](model).backward()
-    model.fc1.weight.grad[0, 0] = float("nan")
+    model.fc1.weight.grad[0, 0] = float(value)
     opt.step()
     assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -118,13 +132,17 @@ def test_nonfinite_update_is_not_applied():
     assert torch.equal(p.detach(), torch.ones(3, dtype=torch.float64))
 
 
-def test_nonfinite_raise_policy():
-    model, loss_fns = builtin_problem(2, seed=0)
-    opt = H.MADA(model.parameters(), lr=1e-2, nonfinite="raise")
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_raise_policy(fused):
+    model, loss_fns = builtin_problem(3, seed=0)
+    opt = H.MADA(model.parameters(), lr=1e-2, nonfinite="raise", fused=fused)
+    _steps(model, opt, loss_fns[:1])  # a recorded update: the fused path checks through its vjp kernels
+    before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
-    loss_fns[0](model).backward()
+    loss_fns[1](model).backward()
     model.fc2.bias.grad[0] = float("inf")
-    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in \(param group, index\) \[\(0, 3\)\]"):
         opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="nonfinite"):
         H.MADA(model.parameters(), nonfinite="clamp")
