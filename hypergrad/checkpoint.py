@@ -25,6 +25,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from optimizers import dtensor
+
 __all__ = ["CheckpointError", "save", "load", "restore", "FORMAT"]
 
 FORMAT = "hypergrad-checkpoint-1"
@@ -130,7 +132,9 @@ def restore(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], payloa
             raise CheckpointError(f"checkpoint optimizer is a different optimizer: saved "
                                   f"{saved.get('hyper', {}).get('signature')}, running "
                                   f"{ours.get('hyper', {}).get('signature')}")
-        sizes = {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        # a DTensor (FSDP2) parameter's buffers are this rank's shards: compare with the local shape
+        sizes = {i: dtensor.local(p).shape
+                 for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         for i, entry in saved.get("state", {}).items():
             for name, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.dim() and i in sizes and value.shape != sizes[i]:

@@ -15,19 +15,17 @@ before it (state_{t-1}) stay intact for one step, then become the destination of
 """
 from __future__ import annotations
 
-import types
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from optimizers import Family
+from optimizers.compiled import TensorKernel
 from optimizers.expr import grad
 from optimizers.functional import displacement
 
 __all__ = ["HyperKernels"]
-
-_ZERO = None
 
 
 def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed, t):
@@ -59,14 +57,14 @@ def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t, pr
     x.add_(delta)
 
 
-def _compiled(fn, tag: str):
-    # A private code object per kernel: Dynamo bounds the compiled variants cached per code object.
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True, fullgraph=True)
-
-
 class HyperKernels:
-    """The two compiled kernels of one family and weight-decay mode."""
+    """The two compiled kernels of one family and weight-decay mode.
+
+    Each is a ``TensorKernel``: traced into a graph over its tensor arguments only, so a call costs
+    a guard check of those tensors (the family and the hyperparameter names are baked in). The
+    names of the hyperparameters fix the order of the scalar arguments; a kernel is built per
+    distinct set of names (in practice one).
+    """
 
     def __init__(self, family: Family, mode: str, learn: Sequence[str]):
         if family.uses_param:
@@ -79,17 +77,46 @@ class HyperKernels:
         # exactly the gradient that the next vjp needs: it doubles as the record (one buffer less
         # to keep and to write per step).
         self.gradient_state = next((s.name for s in family.states if s.definition is grad and not s.scalar), None)
-        tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
-        self._partial = _compiled(_partial, tag)
-        self._update = _compiled(_update, tag)
+        self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
+        self._kernels: Dict[tuple, TensorKernel] = {}
+
+    def _partial_kernel(self, fixed_names: Tuple[str, ...]) -> TensorKernel:
+        key = ("partial", fixed_names)
+        kern = self._kernels.get(key)
+        if kern is None:
+            family, mode, names, learn, S = self.family, self.mode, self.names, self.learn, len(self.names)
+
+            def partial(g_old, *rest):
+                old_states, (cotangent, q), fixed, t = rest[:S], rest[S:S + 2], rest[S + 2:-1], rest[-1]
+                return _partial(family, mode, names, learn, g_old, old_states, cotangent, q,
+                                dict(zip(fixed_names, fixed)), t)
+
+            kern = self._kernels[key] = TensorKernel(partial, f"hyper_partial_{self._tag}")
+        return kern
+
+    def _update_kernel(self, h_names: Tuple[str, ...], pre_ids: Tuple[int, ...], store: bool) -> TensorKernel:
+        key = ("update", h_names, pre_ids, store)
+        kern = self._kernels.get(key)
+        if kern is None:
+            family, mode, names, S, H = self.family, self.mode, self.names, len(self.names), len(h_names)
+
+            def update(x, g, *rest):
+                old, new, rest = rest[:S], rest[S:2 * S], rest[2 * S:]
+                g_store, rest = (rest[0], rest[1:]) if store else (None, rest)
+                h, t, pre = rest[:H], rest[H], rest[H + 1:]
+                _update(family, mode, names, x, g, old, new, g_store, dict(zip(h_names, h)), t,
+                        dict(zip(pre_ids, pre)))
+
+            kern = self._kernels[key] = TensorKernel(update, f"hyper_update_{self._tag}")
+        return kern
 
     def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
                               fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor]:
         """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}))`` for one tensor."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
-        return self._partial(self.family, self.mode, self.names, self.learn, g_old, list(old_states), cotangent, q,
-                             dict(fixed), t)
+        kern = self._partial_kernel(tuple(fixed))
+        return kern(g_old, *old_states, cotangent, q, *fixed.values(), t)
 
     def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
         """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and
@@ -97,7 +124,8 @@ class HyperKernels:
         return {uid: v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
                 for uid, v in self.family.scalar_values(h, t).items()}
 
-    def update(self, x: Tensor, g: Tensor, old_states: Sequence[Tensor], new_states: Sequence[Tensor], g_store: Tensor,
-               h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor]):
-        self._update(self.family, self.mode, self.names, x, g, list(old_states), list(new_states), g_store, dict(h), t,
-                     dict(precomputed))
+    def update(self, x: Tensor, g: Tensor, old_states: Sequence[Tensor], new_states: Sequence[Tensor],
+               g_store: Optional[Tensor], h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor]):
+        kern = self._update_kernel(tuple(h), tuple(precomputed), g_store is not None)
+        store = () if g_store is None else (g_store,)
+        kern(x, g, *old_states, *new_states, *store, *h.values(), t, *precomputed.values())

@@ -32,8 +32,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from optimizers import Family, Interval, Positive, get_rule
+import torch.distributed as dist
+
+from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
+from optimizers.compiled import cat_flat, segments
 
 from .fused import HyperKernels
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
@@ -72,7 +75,18 @@ class HyperOptimizer(RuleOptimizer):
             keeps the coefficients (``skipped_hyper_steps``), a non-finite update is not applied
             (``skipped_updates``); ``"raise"``: ``FloatingPointError``; ``"ignore"``: no checks (and no
             host read of a flag per step).
+        state_dtype: dtype of the model optimizer's buffers and update arithmetic, as for
+            ``RuleOptimizer`` (``torch.float32`` for bfloat16 parameters); the recorded inputs of the
+            last update (gradient, buffers, parameters) are kept in it too, so the hypergradients are
+            computed in it. Not supported with ``fused=True`` unless it equals the parameters' dtype.
         **coefficients: initial values of the family's coefficients.
+
+    DTensor parameters (FSDP2, ``fully_shard``) on one 1-D device mesh, with Shard or Replicate
+    placements: each rank updates its local shards, and the per-rank partial hypergradients of the
+    sharded parameters are summed with one all-reduce per step over the mesh's process group (a
+    replicated parameter is counted once), so every rank learns the same coefficients as one
+    process would. The non-finite checks are reduced over the group too, so every rank skips the
+    same steps. ``state_dict`` then holds this rank's shards of the buffers and records.
     """
 
     def __init__(self, params, family: Union[str, Family], lr: float = 1e-3, weight_decay: float = 0.0,
@@ -80,9 +94,9 @@ class HyperOptimizer(RuleOptimizer):
                  tower: Union[Level, Sequence[Level], None] = None, share: str = "global", warmup: int = 0,
                  clip_hypergrad: Optional[float] = None, backend: str = "functional",
                  hyper_dtype: Optional[torch.dtype] = None, nonfinite: str = "skip", fused: bool = False,
-                 **coefficients):
+                 state_dtype: Optional[torch.dtype] = None, **coefficients):
         super().__init__(params, family, lr=lr, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
-                         fused=fused, **coefficients)
+                         fused=fused, state_dtype=state_dtype, **coefficients)
         fam = self.family
         if share not in SHARING:
             raise ValueError(f"share must be one of {SHARING}, got {share!r}")
@@ -135,6 +149,8 @@ class HyperOptimizer(RuleOptimizer):
             if fam.uses_param:
                 raise ValueError(f"fused=True: family {fam.name!r} reads the parameter; use fused=False")
         self.learn = tuple(dict.fromkeys(learn))
+        self._reduce_group, self._reduce_sharded = None, False
+        self._check_params([p for g in self.param_groups for p in g["params"]])
         self.tower: List[Level] = tower
         self.share = share
         self.warmup = warmup
@@ -203,20 +219,41 @@ class HyperOptimizer(RuleOptimizer):
         self._lr_at_init: Dict[int, float] = {}
         self._hyper_kernels: Dict[str, HyperKernels] = {}
         self._double: Dict[Tuple[int, ...], Dict] = {}  # fused path: spare buffers and gradient record per bucket
+        self._segment_cache: Dict[Tuple[int, ...], List] = {}  # fused path: kernel calls per bucket
         self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
     # ------------------------------------------------------------------ copy / pickle, new groups
     _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_double",
-                                             "_set_index", "_graph_residual", "_graph_chain", "_graph_leaves")
+                                             "_segment_cache", "_set_index", "_graph_residual", "_graph_chain",
+                                             "_graph_leaves", "_reduce_group")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._index_cache, self._hyper_kernels, self._double, self._set_index = {}, {}, {}, {}
+        self._segment_cache = {}
         self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
         self._param_set = {}
         self._assign_sets()
+        self._reduce_group = None
+        self._check_params([p for g in self.param_groups for p in g["params"]])
+
+    def _check_params(self, params: Sequence[Tensor]):
+        """What learning coefficients needs of the parameters; sets the all-reduce group of DTensor ones."""
+        if not self.learn:  # runs as a RuleOptimizer: any parameters it accepts
+            return
+        if self.fused and self.state_dtype is not None:
+            other = sorted({str(p.dtype) for p in params if p.dtype != self.state_dtype})
+            if other:
+                raise ValueError(f"fused=True with state_dtype={self.state_dtype} and parameters of dtype {other} is "
+                                 f"not supported when learning coefficients (the fused hyper kernels compute in the "
+                                 f"parameters' dtype); use fused=False, or state_dtype=None")
+        group, sharded = dtensor.reduction_group(params, "HyperOptimizer")
+        if group is not None and self.fused:
+            raise ValueError("fused=True with DTensor (FSDP2) parameters is not supported when learning coefficients "
+                             "(the fused hyper kernels read the global tensors); use fused=False")
+        self._reduce_group, self._reduce_sharded = group, sharded
 
     def _assign_sets(self):
         """Map each parameter to its coefficient set: 0 (global), its group, or its own (tensor)."""
@@ -227,6 +264,11 @@ class HyperOptimizer(RuleOptimizer):
                 position += 1
 
     def add_param_group(self, param_group):
+        if hasattr(self, "_layouts") and isinstance(param_group, dict):  # refuse before anything changes
+            new = param_group.get("params", [])
+            new = [new] if isinstance(new, Tensor) else list(new)
+            param_group = {**param_group, "params": new}
+            self._check_params([p for g in self.param_groups for p in g["params"]] + new)
         super().add_param_group(param_group)
         if not hasattr(self, "_layouts"):  # during __init__
             return
@@ -259,7 +301,7 @@ class HyperOptimizer(RuleOptimizer):
             if self._hypergrads[0] is not None:
                 self._hypergrads[0] = torch.cat([self._hypergrads[0], torch.zeros_like(init)])
         self._assign_sets()
-        self._set_index = {}
+        self._set_index, self._segment_cache = {}, {}
 
     # ------------------------------------------------------------------ public views
     def coefficients(self) -> Dict[str, Tensor]:
@@ -299,11 +341,12 @@ class HyperOptimizer(RuleOptimizer):
             for n in self.learn:
                 h[n] = q1[lay.index(sets[0], n)]
             return h
-        # share="tensor" with several tensors in the bucket: expand per element.
+        # share="tensor" with several tensors in the bucket: expand per element of the flat tensors,
+        # which hold the local shards of DTensor parameters (so the local numel).
         key = tuple(map(id, params))
         counts = self._index_cache.get(key)
         if counts is None:
-            counts = torch.tensor([p.numel() for p in params], device=q1.device)
+            counts = torch.tensor([dtensor.local(p).numel() for p in params], device=q1.device)
             self._index_cache[key] = counts
         for n in self.learn:
             idx = torch.tensor([lay.index(s, n) for s in sets], device=q1.device)
@@ -393,12 +436,17 @@ class HyperOptimizer(RuleOptimizer):
         # A NaN or Inf anywhere makes the sum non-finite; a sum reads each gradient once and writes
         # nothing parameter-sized (isfinite() would write a bool tensor per gradient). Only a finite
         # gradient whose sum overflows the dtype would be flagged wrongly, and then it is absurd anyway.
-        if not grads or bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads])).all()):
+        if self._reduce_group is not None:  # DTensor shards: the decision is taken over all ranks
+            sums = [dtensor.local(g).sum(dtype=torch.float64) for g in grads]
+            if self._finite_on_all_ranks(torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)):
+                return True
+        elif not grads or bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads])).all()):
             return True
         if self.nonfinite == "raise":
             bad = [(gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            raise FloatingPointError(f"non-finite gradient in (param group, index) {bad}; "
+                   if p.grad is not None and not bool(torch.isfinite(dtensor.local(p.grad)).all())]
+            where = f"in (param group, index) {bad}" if bad else "on another rank of the process group"
+            raise FloatingPointError(f"non-finite gradient {where}; "
                                      f"nonfinite='raise' (use 'skip' to skip such steps)")
         log.warning("non-finite gradient: step skipped (%d so far)", self.skipped_steps + 1)
         return False
@@ -438,7 +486,11 @@ class HyperOptimizer(RuleOptimizer):
         return fn
 
     def _cotangent(self, params: Sequence[Tensor], dtype) -> Tensor:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self._reduce_group is not None:  # DTensor parameters: the local shards of their gradients
+            grads = [dtensor.local(p.grad) if p.grad is not None else torch.zeros_like(dtensor.local(p))
+                     for p in params]
+        else:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         return flatten(grads, copy=True).to(dtype)
 
     def _collect_hypergradients(self) -> List[Tensor]:
@@ -446,6 +498,8 @@ class HyperOptimizer(RuleOptimizer):
         if self.backend == "graph":
             if self._graph_residual is None:  # after load_state_dict: rebuild the kept graph from the records
                 self._rebuild_graph()
+            if self._reduce_sharded:
+                return self._graph_hypergradients_sharded()
             with torch.enable_grad():
                 surrogate = sum((self._cotangent(params, delta.dtype) * delta).sum()
                                 for params, delta in self._graph_residual)
@@ -453,10 +507,17 @@ class HyperOptimizer(RuleOptimizer):
             return [torch.zeros_like(self._q[k]) if g is None else g for k, g in enumerate(grads)]
         # functional backend: the fold of vjps, each recomputing its update from the recorded inputs
         d1 = self._fused_d1() if self.fused else torch.zeros_like(self._q[0])
+        shard = torch.zeros_like(d1) if self._reduce_sharded else None
         for rec in ([] if self.fused else self._records0):
             _, vjp_fn = torch.func.vjp(self._model_fn(rec), self._q[0])
             (g_q,) = vjp_fn(self._cotangent(rec["params"], rec["g"].dtype))
-            d1 = d1 + g_q
+            if shard is not None and dtensor.is_sharded(rec["params"][0]):
+                shard = shard + g_q  # this rank's part of a sum over all the shards
+            else:
+                d1 = d1 + g_q
+        if shard is not None:  # one all-reduce per step: the sum over every element of the sharded parameters
+            dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self._reduce_group)
+            d1 = d1 + shard
         d = [d1]
         for k in range(1, L):
             rec = self._level_records[k - 1]
@@ -467,6 +528,28 @@ class HyperOptimizer(RuleOptimizer):
             (g_q,) = vjp_fn(d[k - 1])
             d.append(g_q)
         return d
+
+    def _graph_hypergradients_sharded(self) -> List[Tensor]:
+        """Graph backend with sharded DTensor parameters: every level's hypergradient is linear in the
+        model-level cotangent, so the part from the sharded parameters (a per-rank partial sum) is
+        all-reduced, once for all levels, and the part from replicated ones added once."""
+        leaves = self._graph_leaves
+        sharded = [(ps, dl) for ps, dl in self._graph_residual if dtensor.is_sharded(ps[0])]
+        rest = [(ps, dl) for ps, dl in self._graph_residual if not dtensor.is_sharded(ps[0])]
+
+        def grads_of(items, retain):
+            if not items:
+                return [torch.zeros_like(q) for q in self._q]
+            with torch.enable_grad():
+                surrogate = sum((self._cotangent(ps, dl.dtype) * dl).sum() for ps, dl in items)
+                grads = torch.autograd.grad(surrogate, leaves, allow_unused=True, retain_graph=retain)
+            return [torch.zeros_like(self._q[k]) if g is None else g for k, g in enumerate(grads)]
+
+        part = grads_of(sharded, retain=bool(rest))
+        flat = torch.cat(part)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._reduce_group)
+        part = list(torch.split(flat, [q.numel() for q in self._q]))
+        return [a + b for a, b in zip(part, grads_of(rest, retain=False))]
 
     def _rebuild_graph(self):
         """Recompute the last updates in the autograd graph (same inputs, same numbers)."""
@@ -545,8 +628,17 @@ class HyperOptimizer(RuleOptimizer):
         return {k: (v.detach().to(ref.device, torch.float64).reshape(()) if isinstance(v, Tensor)
                     else torch.tensor(float(v), dtype=torch.float64, device=ref.device)) for k, v in values.items()}
 
+    def _segments(self, params: Sequence[Tensor]) -> List[Tuple[int, int, List[int]]]:
+        """The kernel calls of one bucket, ``(offset, numel, indices)`` (``optimizers.compiled.segments``):
+        small tensors of one coefficient set share a call."""
+        key = tuple(map(id, params))
+        segs = self._segment_cache.get(key)
+        if segs is None:
+            segs = self._segment_cache[key] = segments(params, [self._param_set[id(p)] for p in params])
+        return segs
+
     def _fused_d1(self) -> Tensor:
-        """Level-1 hypergradient from the compiled per-tensor vjp kernels."""
+        """Level-1 hypergradient from the compiled per-segment vjp kernels."""
         d1 = torch.zeros_like(self._q[0])
         self._gradient_sums = []
         for rec in self._records0:
@@ -554,23 +646,25 @@ class HyperOptimizer(RuleOptimizer):
             kern = self._hyper_kernel(rec["mode"])
             fixed = self._scalars(rec["fixed"], params[0])
             t = torch.tensor(rec["t"], dtype=torch.float64, device=params[0].device)
-            g_views = unflatten_like(rec["g"], params)
-            state_views = {n: unflatten_like(rec["state"][n], params) for n in self.family.state_names}
-            for i, p in enumerate(params):
-                cot = p.grad if p.grad is not None else torch.zeros_like(p)
+            names, dtype = self.family.state_names, rec["g"].dtype
+            for off, n, idxs in self._segments(params):
+                p = params[idxs[0]]
+                if len(idxs) == 1 and not p.is_contiguous():  # a strided tensor: its own shape
+                    cot = (p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).contiguous()
+                    g_old, states = (unflatten_like(rec["g"][off:off + n], [p])[0],
+                                     [unflatten_like(rec["state"][m][off:off + n], [p])[0] for m in names])
+                else:
+                    cot = cat_flat([params[i].grad for i in idxs], [params[i] for i in idxs], dtype)
+                    g_old, states = rec["g"][off:off + n], [rec["state"][m][off:off + n] for m in names]
                 idx = self._set_indices(p)
-                same = p.is_contiguous() and cot.is_contiguous()
-                shape = (lambda v: v.view(-1)) if same else (lambda v: v)
-                partial, cot_sum = kern.partial_hypergradient(
-                    shape(g_views[i]), [shape(state_views[n][i]) for n in self.family.state_names],
-                    shape(cot.to(rec["g"].dtype) if same else cot.to(rec["g"].dtype).contiguous()),
-                    self._q[0][idx], fixed, t)
+                partial, cot_sum = kern.partial_hypergradient(g_old, states, cot, self._q[0][idx], fixed, t)
                 d1.index_add_(0, idx, partial.to(d1.dtype))
                 self._gradient_sums.append(cot_sum)
         return d1
 
     def _fused_model_update(self, record: bool):
         records = []
+        names = self.family.state_names
         for gi, group in enumerate(self.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
@@ -591,25 +685,33 @@ class HyperOptimizer(RuleOptimizer):
                 old, new = dict(bucket.flat), buf["spare"]
                 g_store = buf["g"] if kern.gradient_state is None else new[kern.gradient_state]
                 t = torch.tensor(float(step + 1), dtype=torch.float64, device=params[0].device)
-                old_v = {n: unflatten_like(old[n], params) for n in self.family.state_names}
-                new_v = {n: unflatten_like(new[n], params) for n in self.family.state_names}
-                g_v = unflatten_like(g_store, params) if kern.gradient_state is None else [None] * len(params)
-                names = self.family.state_names
                 pre_by_set: Dict[int, Tuple[Dict, Dict]] = {}
-                for i, p in enumerate(params):
+                for off, n, idxs in self._segments(params):
+                    p = params[idxs[0]]
                     s = self._param_set[id(p)]
                     if s not in pre_by_set:  # hyperparameters and hoisted scalars, once per coefficient set
                         h = dict(scalars)
                         q_sub = self._q[0][self._set_indices(p)]
-                        for j, n in enumerate(self.learn):
-                            h[n] = q_sub[j].to(torch.float64)
+                        for j, name in enumerate(self.learn):
+                            h[name] = q_sub[j].to(torch.float64)
                         pre_by_set[s] = (h, kern.scalars(h, t))
                     h, pre = pre_by_set[s]
-                    same = p.is_contiguous() and p.grad.is_contiguous()
-                    shape = (lambda v: v.view(-1)) if same else (lambda v: v)
-                    kern.update(shape(p), shape(p.grad if same else p.grad.contiguous()),
-                                [shape(old_v[n][i]) for n in names], [shape(new_v[n][i]) for n in names],
-                                None if g_v[i] is None else shape(g_v[i]), h, t, pre)
+                    sl = slice(off, off + n)
+                    store = None if kern.gradient_state is not None else g_store[sl]
+                    if len(idxs) == 1 and p.is_contiguous() and p.grad.is_contiguous():
+                        kern.update(p.view(-1), p.grad.view(-1), [old[m][sl] for m in names],
+                                    [new[m][sl] for m in names], store, h, t, pre)
+                    elif len(idxs) == 1:  # a strided tensor: the kernel on its own shape
+                        shape = lambda v: unflatten_like(v, [p])[0]  # noqa: E731
+                        kern.update(p, p.grad.contiguous(), [shape(old[m][sl]) for m in names],
+                                    [shape(new[m][sl]) for m in names], None if store is None else shape(store),
+                                    h, t, pre)
+                    else:  # small tensors packed: one call on a flat copy, then copied back
+                        run = [params[i] for i in idxs]
+                        x = cat_flat(run, run, run[0].dtype)
+                        kern.update(x, cat_flat([q.grad for q in run], run, run[0].dtype),
+                                    [old[m][sl] for m in names], [new[m][sl] for m in names], store, h, t, pre)
+                        torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
                 self._install_state(bucket, new)
                 buf["spare"] = old
                 for p in params:
@@ -638,13 +740,14 @@ class HyperOptimizer(RuleOptimizer):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
                 continue
-            for (_, _, step), params in self._partition(with_grad).items():
+            for (_, _, step), params in self._step_partition(with_grad):
                 bucket = self._bucket(params)
+                xs, gs = bucket.tensors()  # the parameters, or their local shards (DTensor)
                 mode = group["weight_decay_mode"]
                 rec = {"params": params, "group": gi, "t": float(step + 1), "mode": mode,
                        "fixed": self._fixed_hyperparameters(group),
-                       "g": flatten([p.grad for p in params], copy=True),
-                       "x": flatten(params, copy=True) if needs_param(self.family, group["weight_decay"], mode) else None,
+                       "g": _record(gs, bucket.dtype),
+                       "x": _record(xs, bucket.dtype) if needs_param(self.family, group["weight_decay"], mode) else None,
                        "state": dict(bucket.flat)}
                 with torch.enable_grad() if graph else contextlib.nullcontext():
                     h = self._model_h(group, params, q1, fixed=rec["fixed"])
@@ -653,19 +756,43 @@ class HyperOptimizer(RuleOptimizer):
                     graph_residual.append((params, delta))
                     delta = delta.detach()
                     new_state = {n: v.detach() for n, v in new_state.items()}
-                if self.nonfinite != "ignore" and not bool(torch.isfinite(delta).all()):
+                if self.nonfinite != "ignore" and not (bool(torch.isfinite(delta).all()) if self._reduce_group is None
+                                                       else self._finite_on_all_ranks(delta)):
                     if self.nonfinite == "raise":
                         raise FloatingPointError(f"non-finite update in param group {gi}; nonfinite='raise'")
                     log.warning("non-finite update in param group %d: those parameters are not moved", gi)
                     self.skipped_updates += 1
                     continue
-                torch._foreach_add_(list(params), unflatten_like(delta.to(params[0].dtype), params))
+                # in the buffers' dtype: a narrower parameter receives x + delta rounded once
+                torch._foreach_add_(list(xs), unflatten_like(delta.to(bucket.dtype), xs))
                 self._install_state(bucket, new_state)
                 for p in params:
                     self.state[p]["step"] = step + 1
                 records.append(rec)
         self._records0 = records if record else None
         self._graph_residual = graph_residual if graph else None
+
+    def _step_partition(self, params: Sequence[Tensor]):
+        """``_partition``'s buckets, with sharded DTensors apart from replicated ones: the hypergradient
+        of a sharded bucket is a per-rank partial sum to all-reduce, that of a replicated one is not."""
+        parts = self._partition(params).items()
+        if not self._reduce_sharded:
+            return parts
+        out = []
+        for key, ps in parts:
+            sharded = [p for p in ps if dtensor.is_sharded(p)]
+            rest = [p for p in ps if not dtensor.is_sharded(p)]
+            out += [(key, x) for x in (sharded, rest) if x]
+        return out
+
+    def _finite_on_all_ranks(self, *tensors: Tensor) -> bool:
+        """Whether ``tensors`` are finite on every rank of the DTensor process group (one all-reduce), so
+        that every rank takes the same non-finite decision."""
+        bad = torch.zeros((), dtype=torch.float32, device=self.hyper_device)
+        for t in tensors:
+            bad = torch.maximum(bad, (~torch.isfinite(t)).any().to(bad.dtype).to(bad.device))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self._reduce_group)
+        return not bool(bad)
 
     def _fixed_hyperparameters(self, group) -> Dict[str, object]:
         """The group's non-learned hyperparameters as used now (a scheduler may change them later)."""
@@ -758,6 +885,11 @@ class HyperOptimizer(RuleOptimizer):
     def __repr__(self):
         return (f"HyperOptimizer({self.family.name}, learn={list(self.learn)}, tower={self.tower}, "
                 f"share={self.share!r}, backend={self.backend!r})")
+
+
+def _record(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """A flat copy of ``tensors`` in ``dtype`` (the buffers' dtype) for the record of an update."""
+    return flatten(tensors, copy=True) if tensors[0].dtype == dtype else flatten(tensors).to(dtype)
 
 
 # ---------------------------------------------------------------------------------- conveniences

@@ -14,6 +14,14 @@ together changes, e.g. when some parameters receive no gradient.
 
 With ``fused=True`` the same buffers are updated in place by one compiled kernel per tensor
 (``fused.py``), which reads and writes each buffer once.
+
+``state_dtype`` keeps the buffers in another dtype than the parameters, typically wider (float32
+state for bfloat16 parameters): the gradient is upcast, the update computed in ``state_dtype``, and the parameter
+receives ``x + delta`` rounded once to its own dtype.
+
+DTensor parameters (FSDP2) are updated shard by shard (``dtensor.py``): the rules are elementwise,
+so each rank runs them on ``p.to_local()`` with buffers sized by the local number of elements, and
+``state[p]`` holds that rank's shards of the buffers.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
 from .fused import FusedKernel, supports_fused
@@ -33,12 +42,37 @@ __all__ = ["RuleOptimizer", "build_optimizer", "apply_update", "displacement", "
            "unflatten_like"]
 
 
-class _Bucket:
-    __slots__ = ("params", "flat")
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    def __init__(self, params: List[Tensor], flat: Dict[str, Tensor]):
+
+def check_state_dtype(state_dtype):
+    """``state_dtype``: None (each parameter's own dtype) or a floating dtype for the optimizer buffers."""
+    if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or state_dtype not in STATE_DTYPES):
+        raise ValueError(f"state_dtype must be None (the parameters' dtype) or a floating torch.dtype, one of "
+                         f"{[str(d) for d in STATE_DTYPES]}; got {state_dtype!r}")
+
+
+class _Bucket:
+    """Parameters that step together, their flat buffers, and (DTensor parameters) whether to use shards.
+
+    ``like`` are the tensors whose shapes the flat buffers follow: the parameters themselves, or
+    their local shards when ``dtensor``; ``dtype`` is the dtype of the buffers and of the update.
+    """
+    __slots__ = ("params", "flat", "dtensor", "like", "dtype")
+
+    def __init__(self, params: List[Tensor], flat: Dict[str, Tensor], dtensor: bool, like: List[Tensor],
+                 dtype: torch.dtype):
         self.params = params
         self.flat = flat
+        self.dtensor = dtensor
+        self.like = like
+        self.dtype = dtype
+
+    def tensors(self) -> Tuple[List[Tensor], List[Tensor]]:
+        """The tensors to update and their gradients: the parameters, or fresh views of their local shards."""
+        if not self.dtensor:
+            return self.params, [p.grad for p in self.params]
+        return dtensor.locals_of(self.params), [dtensor.local(p.grad) for p in self.params]
 
 
 def _check_number(name: str, value, low: float = 0.0, allow_tensor: bool = True):
@@ -67,12 +101,17 @@ class RuleOptimizer(torch.optim.Optimizer):
         fused: run each step as one compiled in-place kernel per parameter tensor (``fused.py``;
             ``torch.compile`` compiles on the first step). Same numbers as the default flat path
             (checked in float64), several times faster on large models.
+        state_dtype: dtype of the optimizer buffers and of the update arithmetic (default None: each
+            parameter's own dtype). ``torch.float32`` for bfloat16 parameters keeps float32 buffers,
+            upcasts the gradient, computes the update in float32 and rounds ``x + delta`` once to the
+            parameter's dtype. ``state_dict`` keeps the buffers in this dtype.
         **coefficients: values of the family's coefficients (``beta1=0.9``...); ``betas=(b1, b2)``
             is accepted for families with ``beta1``/``beta2``. Each must lie in its domain.
     """
 
     def __init__(self, params, family, lr: float = 1e-3, weight_decay: float = 0.0,
-                 weight_decay_mode: Optional[str] = None, fused: bool = False, **coefficients):
+                 weight_decay_mode: Optional[str] = None, fused: bool = False,
+                 state_dtype: Optional[torch.dtype] = None, **coefficients):
         if isinstance(family, str):
             family = get_rule(family)
         if not isinstance(family, Family):
@@ -84,7 +123,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"fused=True: family {family.name!r} has scalar buffers "
                              f"{[s.name for s in family.states if s.scalar]}, which the fused path does not support")
         self.fused = fused
+        check_state_dtype(state_dtype)
+        self.state_dtype = state_dtype
         self._kernels: Dict[str, FusedKernel] = {}
+        self._has_dtensor = False  # any DTensor parameter (FSDP2): checked per step, updated by shard
         if "betas" in coefficients:
             betas = coefficients.pop("betas")
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -117,6 +159,8 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("state_dtype", None)  # pickled before these options existed
+        self.__dict__.setdefault("_has_dtensor", False)
         super().__setstate__(state)
         # buckets are rebuilt (one copy) from the per-parameter state views on the next step
         self._buckets, self._param_bucket, self._kernels = {}, {}, {}
@@ -151,6 +195,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"parameter {i} of param group {len(self.param_groups) - 1} has dtype {p.dtype}; "
                                 f"only floating-point parameters can be optimized")
+            if dtensor.is_dtensor(p):
+                dtensor.check_param(p, f"parameter {i} of param group {len(self.param_groups) - 1}")
+                self._has_dtensor = True
         self._validate_group(group, f"param group {len(self.param_groups) - 1}")
 
     def _validate_all_groups(self):
@@ -161,6 +208,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and p.grad.is_sparse:
                     raise ValueError(f"parameter {i} of param group {gi} has a sparse gradient; "
                                      f"{self.family.name!r} supports dense gradients only")
+                if self._has_dtensor and p.grad is not None and dtensor.is_dtensor(p):
+                    dtensor.check_grad(p, f"parameter {i} of param group {gi}")
 
     # ------------------------------------------------------------------ buckets
     def _bucket(self, params: List[Tensor]) -> _Bucket:
@@ -169,19 +218,21 @@ class RuleOptimizer(torch.optim.Optimizer):
         if bucket is not None:
             return bucket
         fam = self.family
-        like = params[0]
+        is_dt = self._has_dtensor and any(dtensor.is_dtensor(p) for p in params)
+        shapes = dtensor.locals_of(params) if is_dt else params  # buffers follow the local shards
+        dtype, device = self.state_dtype or params[0].dtype, shapes[0].device
         flat: Dict[str, Tensor] = {}
         have_state = all(s.name in self.state[p] for p in params for s in fam.states)
         for s in fam.states:
             if s.scalar:
                 value = self.state[params[0]][s.name] if have_state else None
-                flat[s.name] = (value.detach().clone().to(like) if value is not None
-                                else torch.full((), s.init, dtype=like.dtype, device=like.device))
+                flat[s.name] = (value.detach().clone().to(device=device, dtype=dtype) if value is not None
+                                else torch.full((), s.init, dtype=dtype, device=device))
             elif have_state:
-                flat[s.name] = torch.cat([self.state[p][s.name].detach().reshape(-1).to(like) for p in params])
+                flat[s.name] = torch.cat([self.state[p][s.name].detach().reshape(-1).to(device=device, dtype=dtype)
+                                          for p in params])
             else:
-                flat[s.name] = torch.full((sum(p.numel() for p in params),), s.init, dtype=like.dtype,
-                                          device=like.device)
+                flat[s.name] = torch.full((sum(p.numel() for p in shapes),), s.init, dtype=dtype, device=device)
         # Re-point each parameter's state at views of the new flat buffers; buckets that shared any
         # of these parameters are retired (their other members are re-bucketed when they step).
         for p in params:
@@ -190,10 +241,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._buckets.pop(old, None)
             self._param_bucket[id(p)] = key
         for name, buf in flat.items():
-            views = [buf] * len(params) if buf.dim() == 0 else unflatten_like(buf, params)
+            views = [buf] * len(params) if buf.dim() == 0 else unflatten_like(buf, shapes)
             for p, v in zip(params, views):
                 self.state[p][name] = v
-        bucket = _Bucket(params, flat)
+        bucket = _Bucket(params, flat, is_dt, shapes, dtype)
         self._buckets[key] = bucket
         return bucket
 
@@ -207,7 +258,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             if value.shape != bucket.flat[name].shape:  # a buffer whose rule evaluated to a scalar
                 value = value.expand(bucket.flat[name].shape).clone()
             bucket.flat[name] = value
-            views = [value] * len(bucket.params) if value.dim() == 0 else unflatten_like(value, bucket.params)
+            views = [value] * len(bucket.params) if value.dim() == 0 else unflatten_like(value, bucket.like)
             for p, v in zip(bucket.params, views):
                 self.state[p][name] = v
 
@@ -217,12 +268,29 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        if self.state_dtype is not None:
+            self._restore_state_dtype(state_dict)
         self._retire_buckets()
         # Copy loaded buffers into fresh buckets now so nothing aliases the source dict's tensors.
         for group in self.param_groups:
             self._validate_group(group, "loaded state_dict")
             for params in self._partition([p for p in group["params"] if self.state.get(p)]).values():
                 self._bucket(params)
+
+    def _restore_state_dtype(self, state_dict):
+        """torch's ``load_state_dict`` casts every floating buffer to its parameter's dtype; with a
+        ``state_dtype`` the saved buffers (already in it) are taken again, uncast."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for i, entry in state_dict["state"].items():
+            p = by_id.get(i)
+            if p is None:
+                continue
+            device = dtensor.local(p).device
+            for name, value in entry.items():
+                if name != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][name] = value.detach().to(device=device, dtype=self.state_dtype)
 
     def _partition(self, params: Iterable[Tensor]) -> Dict[tuple, List[Tensor]]:
         parts: Dict[tuple, List[Tensor]] = {}
@@ -249,17 +317,18 @@ class RuleOptimizer(torch.optim.Optimizer):
             h = self._hyperparameters(group)
             for (_, _, step), params in self._partition(with_grad).items():
                 bucket = self._bucket(params)
+                xs, gs = bucket.tensors()  # the parameters, or their local shards (DTensor)
                 t = float(step + 1)
                 if self.fused:
                     mode = group["weight_decay_mode"]
                     kernel = self._kernels.get(mode)
                     if kernel is None:
                         kernel = self._kernels[mode] = FusedKernel(self.family, mode)
-                    kernel(params, [p.grad for p in params], [self.state[p] for p in params],
-                           {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t)
+                    kernel(xs, gs, [self.state[p] for p in params],
+                           {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t, self.state_dtype)
                 else:
-                    new_state = apply_update(self.family, params, [p.grad for p in params], bucket.flat, h,
-                                             group["lr"], group["weight_decay"], group["weight_decay_mode"], t)
+                    new_state = apply_update(self.family, xs, gs, bucket.flat, h, group["lr"], group["weight_decay"],
+                                             group["weight_decay_mode"], t, dtype=bucket.dtype)
                     self._install_state(bucket, new_state)
                 for p in params:
                     self.state[p]["step"] = step + 1

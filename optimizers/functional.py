@@ -76,16 +76,23 @@ def apply_update(
     weight_decay: float,
     weight_decay_mode: str,
     t,
+    dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, Tensor]:
     """One in-place step of ``family`` on a bucket of parameters; returns the new flat buffers.
 
     ``state`` holds flat buffers (1-D, total numel of ``params``; 0-D for scalar states), ``h`` the
-    coefficients, ``t`` the 1-based step count. The update is ``displacement``'s.
+    coefficients, ``t`` the 1-based step count. The update is ``displacement``'s. ``dtype``: compute
+    in it (the buffers' dtype) when it differs from the parameters'; the parameters then receive
+    ``x + delta`` rounded once to their own dtype.
     """
     # Copies, not views: a new buffer may be the gradient or the parameter itself (Adan's g_prev,
     # a state defined as ``param``), and both are overwritten in place after this step.
-    flat_g = flatten(grads, copy=True)
-    flat_x = flatten(params, copy=True) if needs_param(family, weight_decay, weight_decay_mode) else None
+    if dtype is None or dtype == params[0].dtype:
+        flat_g = flatten(grads, copy=True)
+        flat_x = flatten(params, copy=True) if needs_param(family, weight_decay, weight_decay_mode) else None
+    else:  # .to(dtype) copies
+        flat_g = flatten(grads, copy=grads[0].dtype == dtype).to(dtype)
+        flat_x = flatten(params).to(dtype) if needs_param(family, weight_decay, weight_decay_mode) else None
     delta, new_state = displacement(family, flat_g, state, flat_x, {**h, "lr": lr, "weight_decay": weight_decay},
                                     t, weight_decay_mode)
     torch._foreach_add_(list(params), unflatten_like(delta, params))

@@ -71,6 +71,10 @@ OPTIMIZERS = (
         ("hyper:HyperSGD", lambda params: H.HyperSGD(params, lr=0.05, hyper_lr=1e-3)),
         ("hyper:tower2", _tower2),
         ("hyper:MADA-fused", _fused_mada),
+        # buffers and update arithmetic in float64 whatever the parameters' dtype (state_dtype)
+        ("rule:mada/state64", lambda params: O.RuleOptimizer(params, "mada", lr=1e-2, weight_decay=0.01,
+                                                             state_dtype=torch.float64, **RULE_KW["mada"])),
+        ("hyper:MADA/state64", lambda params: H.MADA(params, lr=1e-2, weight_decay=0.01, state_dtype=torch.float64)),
     ]
 )
 # Compile-heavy entries (minutes of CPU across the battery: every check compiles new variants of the
@@ -403,10 +407,11 @@ def test_float32_and_float64(name, dtype):
     losses = train(model, opt, data)
     final = loss_of(model, data[0]).item()
     assert final < losses[0], f"{name}: {losses[0]} -> {final}"
+    buffer_dtype = opt.state_dtype or dtype  # state_dtype: the buffers' own dtype
     for p in model.parameters():
         assert p.dtype == dtype and torch.isfinite(p).all()
         for key, buf in opt.state[p].items():
             if torch.is_tensor(buf) and key != "step":
-                assert buf.dtype == dtype and torch.isfinite(buf).all(), key
+                assert buf.dtype == buffer_dtype and torch.isfinite(buf).all(), key
     for v in hyper_view(opt):
         assert v.dtype == dtype and torch.isfinite(v).all()
