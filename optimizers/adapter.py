@@ -324,8 +324,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                     kernel = self._kernels.get(mode)
                     if kernel is None:
                         kernel = self._kernels[mode] = FusedKernel(self.family, mode)
-                    kernel(xs, gs, [self.state[p] for p in params],
-                           {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t, self.state_dtype)
+                    kernel(xs, gs, bucket.flat, {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t,
+                           bucket.dtype)
                 else:
                     new_state = apply_update(self.family, xs, gs, bucket.flat, h, group["lr"], group["weight_decay"],
                                              group["weight_decay_mode"], t, dtype=bucket.dtype)

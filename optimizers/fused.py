@@ -1,4 +1,4 @@
-"""Fused update kernels: one compiled, in-place kernel per parameter tensor.
+"""Fused update kernels: one compiled, in-place kernel per parameter tensor (or run of small ones).
 
 An eager step runs the rule's ~10-40 elementwise operations one after another, each reading and
 writing a full parameter-sized temporary; on a CPU the step is then dominated by memory traffic
@@ -11,18 +11,18 @@ scheduler, a learned coefficient) never recompiles; shapes are dynamic, so one c
 every parameter tensor of a dtype.
 
 Buffers of another dtype than the parameter (``state_dtype``: float32 buffers for bfloat16 parameters)
-run a second kernel, compiled on first use, that upcasts the parameter and the gradient, computes the
+run a second kernel, traced on first use, that upcasts the parameter and the gradient, computes the
 update in the buffers' dtype and writes ``x + delta`` rounded once to the parameter's dtype.
 """
 from __future__ import annotations
 
 import logging
-import types
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .compiled import TensorKernel, cat_flat, segments
 from .functional import displacement
 from .family import Family
 
@@ -54,17 +54,13 @@ def _kernel_wide(family, mode, names, x, g, states, h, t, precomputed, dtype):
     x.copy_(xw + delta)  # one rounding, to the parameter's dtype
 
 
-def _compile(fn, name: str):
-    code = fn.__code__.replace(co_name=name)
-    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), dynamic=True, fullgraph=True)
-
-
 class FusedKernel:
-    """``kernel(params, grads, state views, h, t)``: the rule applied in place, one compiled call per tensor.
+    """``kernel(params, grads, flat buffers, h, t)``: the rule applied in place, one compiled call per
+    tensor, or per run of small tensors (``optimizers.compiled.segments``: packed into a flat copy and
+    copied back, since a call costs ~0.1 ms whatever its size).
 
-    Each instance compiles its own copy of the kernel's code object: Dynamo keeps a bounded cache
-    of compiled variants per code object, and a process that builds many families (a benchmark, a
-    test suite) would otherwise exhaust it and silently fall back to eager execution.
+    The kernels are ``TensorKernel``s: traced into graphs over tensors only, so that a call guards its
+    tensor arguments and not the family's expression graph.
     """
 
     def __init__(self, family: Family, weight_decay_mode: str):
@@ -74,41 +70,52 @@ class FusedKernel:
         self.family = family
         self.mode = weight_decay_mode
         self.names = family.state_names
-        self._tag = f"fused_{family.name.replace('@', '_').replace(',', '_').replace('=', '_').replace('.', '_')}"
-        self._compiled = _compile(_kernel, self._tag)
-        self._compiled_wide = None  # compiled on first use (state_dtype wider than the parameters)
+        self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"fused_{family.name}_{weight_decay_mode}")
+        self._kernels: Dict[tuple, TensorKernel] = {}
 
-    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Mapping[str, Tensor]],
-                 h: Mapping[str, object], t: float, state_dtype=None):
+    def _kernel(self, wide: Optional[torch.dtype], h_names: tuple, pre_ids: tuple) -> TensorKernel:
+        """The traced kernel for these scalar names; ``wide``: the update's dtype when it is not the
+        parameters' (``state_dtype``)."""
+        key = (wide, h_names, pre_ids)
+        kern = self._kernels.get(key)
+        if kern is None:
+            family, mode, names, S, H = self.family, self.mode, self.names, len(self.names), len(h_names)
+
+            def kernel(x, g, *rest):
+                states, h, t, pre = list(rest[:S]), dict(zip(h_names, rest[S:S + H])), rest[S + H], rest[S + H + 1:]
+                if wide is None:
+                    _kernel(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)))
+                else:
+                    _kernel_wide(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)), wide)
+
+            kern = self._kernels[key] = TensorKernel(kernel, self._tag + ("" if wide is None else "_wide"))
+        return kern
+
+    def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], flat: Mapping[str, Tensor],
+                 h: Mapping[str, object], t: float, dtype: Optional[torch.dtype] = None):
+        """``params``/``grads``: the bucket's tensors, laid out back to back in the flat buffers ``flat``
+        (name -> 1-D buffer). ``dtype``: the dtype of the buffers and of the update (``state_dtype``),
+        when it is not the parameters'."""
         ref = params[0]
-        if state_dtype is not None and state_dtype != ref.dtype:
-            return self._call_wide(params, grads, states, h, t, state_dtype)
         scalars = {k: _scalar(v, ref) for k, v in h.items()}
         t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
         # scalar subexpressions (bias corrections...) once per step, not once per element
         pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
-        for p, g, s in zip(params, grads, states):
-            if p.is_contiguous() and g.is_contiguous():
-                self._compiled(self.family, self.mode, self.names, p.view(-1), g.view(-1),
-                               [s[n].view(-1) for n in self.names], scalars, t, pre)
-            else:  # a strided parameter: same kernel on the tensor's own shape
-                self._compiled(self.family, self.mode, self.names, p, g.contiguous(), [s[n] for n in self.names],
-                               scalars, t, pre)
-
-    def _call_wide(self, params, grads, states, h, t, dtype):
-        if self._compiled_wide is None:
-            self._compiled_wide = _compile(_kernel_wide, self._tag + "_wide")
-        ref = params[0]
-        scalars = {k: _scalar(v, ref) for k, v in h.items()}
-        t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
-        pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
-        for p, g, s in zip(params, grads, states):
-            if p.is_contiguous() and g.is_contiguous():
-                self._compiled_wide(self.family, self.mode, self.names, p.view(-1), g.view(-1),
-                                    [s[n].view(-1) for n in self.names], scalars, t, pre, dtype)
-            else:
-                self._compiled_wide(self.family, self.mode, self.names, p, g.contiguous(),
-                                    [s[n] for n in self.names], scalars, t, pre, dtype)
+        bufs = [flat[n] for n in self.names]
+        kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
+        args = (*scalars.values(), t, *pre.values())
+        for off, n, idxs in segments(params):
+            sl = slice(off, off + n)
+            p, g = params[idxs[0]], grads[idxs[0]]
+            if len(idxs) > 1:  # small tensors: one call on a flat copy, copied back
+                run = [params[i] for i in idxs]
+                x = torch.cat([q.view(-1) for q in run])
+                kern(x, cat_flat([grads[i] for i in idxs], run, ref.dtype), *[b[sl] for b in bufs], *args)
+                torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
+            elif p.is_contiguous() and g.is_contiguous():
+                kern(p.view(-1), g.view(-1), *[b[sl] for b in bufs], *args)
+            else:  # a strided parameter: the kernel on the tensor's own shape
+                kern(p, g.contiguous(), *[b[sl].view(p.shape) for b in bufs], *args)
 
 
 def _scalar(value, ref: Tensor) -> Tensor:
