@@ -25,26 +25,51 @@ __all__ = ["TensorKernel", "segments", "cat_flat", "SMALL_TENSOR"]
 class TensorKernel:
     """``kernel(*tensors)``: ``fn`` traced once per signature (dtype, rank, contiguity and device of
     each argument) into an FX graph, then compiled with dynamic shapes (one compilation serves every
-    size). ``fn`` must take tensors only and may not branch on their values."""
+    size). ``fn`` must take tensors only and may not branch on their values.
+
+    0-D arguments (hyperparameters, the step) reach the compiled graph stacked into one vector per
+    dtype and device: Dynamo would otherwise guard each 0-D tensor's value (a host read per scalar
+    and call, a device synchronisation on a GPU).
+    """
 
     def __init__(self, fn: Callable[..., object], name: str):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self.fn, self.name = fn, name
-        self._compiled: Dict[Tuple, Callable[..., object]] = {}
+        self._compiled: Dict[Tuple, Tuple[Callable[..., object], List[int], List[List[int]]]] = {}
 
     def __call__(self, *tensors: Tensor):
         key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compiled[key] = self._build(tensors)
-        return compiled(*tensors)
+        entry = self._compiled.get(key)
+        if entry is None:
+            entry = self._compiled[key] = self._build(tensors)
+        compiled, big, scalar_groups = entry
+        return compiled(*[tensors[i] for i in big], *[torch.stack([tensors[i] for i in group])
+                                                      for group in scalar_groups])
 
     def _build(self, tensors: Tuple[Tensor, ...]):
+        big = [i for i, t in enumerate(tensors) if t.dim() > 0]
+        by_kind: Dict[Tuple, List[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.dim() == 0:
+                by_kind.setdefault((t.dtype, t.device), []).append(i)
+        scalar_groups = list(by_kind.values())
+        fn, n = self.fn, len(tensors)
+
+        def unpacked(*args):
+            full: List[object] = [None] * n
+            for j, i in enumerate(big):
+                full[i] = args[j]
+            for vec, group in zip(args[len(big):], scalar_groups):
+                for m, i in enumerate(group):
+                    full[i] = vec[m]
+            return fn(*full)
+
+        example = [tensors[i] for i in big] + [torch.stack([tensors[i] for i in g]) for g in scalar_groups]
         with torch.no_grad():  # an optimizer kernel: no autograd graph to record around it
-            graph = make_fx(self.fn, tracing_mode="symbolic")(*tensors)  # fake copies: nothing is written
+            graph = make_fx(unpacked, tracing_mode="symbolic")(*example)  # fake copies: nothing is written
         graph.__class__.__name__ = self.name  # names the kernel in profiles and compile logs
-        return torch.compile(graph, dynamic=True, fullgraph=True)
+        return torch.compile(graph, dynamic=True, fullgraph=True), big, scalar_groups
 
 
 # A kernel call costs ~0.1 ms of Python, guards and dispatch whatever its size: below this many
