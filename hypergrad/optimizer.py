@@ -383,16 +383,18 @@ class HyperOptimizer(RuleOptimizer):
             self.skipped_steps += 1  # x unchanged: the last update's record stays valid for the next gradient
             return loss
         # 1. Hypergradients of the last updates at the new gradient, then 2. the tower top-down.
+        all_finite = False  # gradients and hypergradients known finite: one host read per step, not two
         if self._records0 is not None:
             d = self._collect_hypergradients()
-            if deferred is not None and not bool(torch.isfinite(torch.cat(
-                    [torch.stack(self._gradient_sums).to(d[0].dtype)] + [x.reshape(-1) for x in d])).all()):
-                if not self._gradients_finite():  # the explicit check: names the culprits, counts the skip
+            if deferred is not None:
+                all_finite = bool(torch.isfinite(torch.cat(
+                    [torch.stack(self._gradient_sums).to(d[0].dtype)] + [x.reshape(-1) for x in d])).all())
+                if not all_finite and not self._gradients_finite():  # names the culprits, counts the skip
                     self.skipped_steps += 1
                     return loss
         self._hyper_step += 1
         if self._records0 is not None:
-            if self._hypergradients_finite(d):
+            if all_finite or self._hypergradients_finite(d):
                 self._hypergrads = [x.detach() for x in d]
                 self._update_tower(d)
             else:

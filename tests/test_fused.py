@@ -99,3 +99,46 @@ def test_fused_hyper_learning_rejects_unsupported_settings():
         H.MADA(p, fused=True, learn=["lr", "beta1"])
     with pytest.raises(ValueError, match="graph"):
         H.MADA(p, fused=True, backend="graph")
+
+
+def _host_reads(opt) -> int:
+    """Host reads of tensor values (``.item()``, ``bool(tensor)``) during one ``opt.step()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+@pytest.mark.parametrize("nonfinite,reads", [("ignore", 0), ("skip", 1)])
+def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads):
+    """Issue 5: the hyper-learning step runs compiled kernels (fullgraph: a graph break is an error,
+    and none is counted) and reads nothing back to the host, except the one documented read of the
+    non-finite policy ('skip' checks the gradient sums and hypergradients together)."""
+    import hypergrad as H
+    from hypergrad.gradcheck import builtin_problem
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model, loss_fns = builtin_problem(5, seed=1)
+    opt = H.MADA(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True, nonfinite=nonfinite)
+    fixed = O.build_optimizer("mada", [nn.Parameter(p.detach().clone()) for p in model.parameters()], lr=1e-2,
+                              fused=True)
+    for loss_fn in loss_fns[:3]:
+        opt.zero_grad()
+        loss_fn(model).backward()
+        opt.step()
+        for p, q in zip(fixed.param_groups[0]["params"], model.parameters()):
+            p.grad = q.grad.clone()
+        fixed.step()
+    opt.zero_grad()
+    loss_fns[3](model).backward()
+    assert _host_reads(opt) == reads
+    assert _host_reads(fixed) == 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 3  # vjp kernel, hyper update kernel, rule kernel
+    before = torch.stack(list(opt.hypergradients().values())).clone()
+    opt.zero_grad()
+    loss_fns[4](model).backward()
+    opt.step()
+    assert not torch.equal(before, torch.stack(list(opt.hypergradients().values())))  # it learned
