@@ -195,7 +195,7 @@ def _mada_hyper(fused: bool, tower=None, **kwargs) -> Factory:
 # (Adam's learning rate learned by SGD), on the functional (torch.func.vjp) backend.
 register("mada_hyper", _mada_hyper(False), info=CandidateInfo("hyper", "mada", 1))
 register("mada_tower2", _mada_hyper(False, TOWER2), info=CandidateInfo("hyper", "mada", 2))
-# The same two on the fused path (compiled per-tensor vjp + in-place double-buffered update).
+# The same two on the fused path (compiled vjp kernel that advances the state + in-place update).
 register("mada_hyper_fused", _mada_hyper(True), info=CandidateInfo("hyper_fused", "mada", 1))
 register("mada_tower2_fused", _mada_hyper(True, TOWER2), info=CandidateInfo("hyper_fused", "mada", 2))
 # The fused hyper step without the per-step non-finite check (nonfinite="ignore"): what that check costs.
@@ -506,8 +506,9 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
         return {"buffers": float(S), "buffers_formula": f"S = {S}", "floor_bytes": float(2 * S + 3),
                 "floor_formula": f"2S+3 = {2 * S + 3}", "states": S}
     if info.kind == "hyper_fused":
-        return {"buffers": float(2 * S + 1), "buffers_formula": f"2S+1 = {2 * S + 1} (state, spare set, g record)",
-                "floor_bytes": float(3 * S + 6), "floor_formula": f"(S+2) vjp + (2S+4) update = {3 * S + 6}", "states": S}
+        return {"buffers": float(S + 1), "buffers_formula": f"S+1 = {S + 1} (state, g record)",
+                "floor_bytes": float(3 * S + 6), "floor_formula": f"(2S+2) vjp + (S+4) update = {3 * S + 6}",
+                "states": S}
     if info.kind == "hyper":
         alias = _grad_alias_states(fam)
         total, count, xfrac = 0, 0.0, 0.0
@@ -1045,7 +1046,7 @@ def _findings(report: dict) -> List[str]:
         out.append(f"{model}: the fused hyper step takes {hy:.1f} ms ({res[HYPER_MAIN]['ratio_to_fused']:.2f}x fused "
                    f"AdamW, bytes-moved floor {res[HYPER_MAIN].get('floor_ratio', float('nan')):.2f}x). Without the "
                    f"per-step non-finite check (nonfinite='ignore') it takes {nc:.1f} ms: the check costs "
-                   f"{hy - nc:.1f} ms ({(hy - nc) / hy:.0%} of the step). The vjp kernel plus the double-buffered "
+                   f"{hy - nc:.1f} ms ({(hy - nc) / hy:.0%} of the step). The vjp kernel plus the in-place "
                    f"update ({nc:.1f} ms) cost {nc / mf:.2f}x the plain fused MADA update ({mf:.1f} ms), for "
                    f"{res[HYPER_MAIN].get('floor_bytes', 0) / res['mada_fused'].get('floor_bytes', 1):.2f}x its "
                    f"floor bytes.")
@@ -1123,9 +1124,11 @@ def write_doc(report: dict, path: Path) -> str:
     w("*floor B/p*: parameter-sized buffers a step must read plus write at the least, for the algorithm as this "
       "path runs it (one pass per kernel, nothing cached): fused AdamW 7 (read p, g, m, v; write p, m, v); a rule "
       "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); hyper-learning 3S+6: the vjp kernel "
-      "recomputes the last update from its recorded inputs (read g_old, S old buffers, and the new gradient as "
-      "cotangent: S+2), then the update reads p, g and S old buffers and writes S new buffers, the gradient record "
-      "and p (2S+4); the eager hyper path also records a copy of x where weight decay reads it (+2). On a "
+      "recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before it, and "
+      "the new gradient as cotangent) and writes the state after it into the same buffers (2S+2), then the update "
+      "reads p, g and the S buffers and writes p and the gradient record, leaving the buffers for the next vjp "
+      "(S+4); the eager hyper path writes new buffers instead and also records a copy of x where weight decay "
+      "reads it (+2). On a "
       "memory-bound CPU step, *floor x* = floor / 7 is the best ratio to fused AdamW the algorithm can reach, "
       "and *efficiency* = floor x / measured x (1.0: as close to the bandwidth floor as fused AdamW). "
       "*GB/s*: floor bytes over the median time. Eager candidates run in a separate interleaved group with fewer "
@@ -1165,8 +1168,8 @@ def write_doc(report: dict, path: Path) -> str:
           "`len(family.states)` parameter-sized buffers (scalar buffers, NAdam's running product, are not counted); "
           "the eager path builds new buffers and swaps them in, the fused path updates in place. Hyper-learning "
           "keeps, besides the S buffers, the inputs of the last update for the next step's vjp: the fused path "
-          "double-buffers (a spare set of S, into which the next update writes) and keeps one gradient record "
-          "(with L2 decay the record holds g + wd x, so no copy of x): 2S+1. The eager path keeps the old S buffers "
+          "leaves the S buffers at the state before the last update (the next vjp kernel advances them) and keeps "
+          "one gradient record (with L2 decay it holds g + wd x, so no copy of x): S+1. The eager path keeps the old S buffers "
           "and a copy of the gradient, plus a copy of x where weight decay (or the rule) reads it; a buffer whose new "
           "value is the gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
         w("")
@@ -1189,7 +1192,7 @@ def write_doc(report: dict, path: Path) -> str:
         w("")
         w("Count per rule (analytic, parameter-sized buffers):")
         w("")
-        w("| rule | S (rule alone) | hyper-learning, fused path (2S+1) | hyper-learning, eager path |")
+        w("| rule | S (rule alone) | hyper-learning, fused path (S+1) | hyper-learning, eager path |")
         w("|---|---:|---:|---:|")
         for rule in ["mada"] + list(RULE_KWARGS):
             fam = family(rule)
@@ -1197,7 +1200,7 @@ def write_doc(report: dict, path: Path) -> str:
             alias = _grad_alias_states(fam)
             decoupled = fam.weight_decay_mode != "l2"
             eager = 2 * S + 2 - (alias if decoupled else 0)
-            fused = f"{2 * S + 1}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
+            fused = f"{S + 1}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
             w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
         w("")
 

@@ -1,17 +1,20 @@
 """Compiled kernels for hyper-learning on the fused path (``HyperOptimizer(..., fused=True)``).
 
-Two compiled functions per (family, weight-decay mode), each called once per parameter tensor:
+Two compiled functions per (family, weight-decay mode), each called once per parameter tensor
+(or packed run of small tensors):
 
 * ``partial_hypergradient``: the vjp of the recorded last update at the new gradient,
-  ``g_{t+1}^T dDelta_t/dq`` for one tensor (``torch.func.vjp`` traced by ``torch.compile``: the
-  recomputation of the update and its reverse pass fuse into one reduction over the tensor), and
-  the sum of ``g_{t+1}`` from the same loop, which is the non-finite check of that gradient;
-* ``update``: the model update with the fresh coefficients, reading the old buffers and writing
-  the new ones into the *other* half of a double buffer, the gradient into the record buffer and
-  the parameter in place.
+  ``g_{t+1}^T dDelta_t/dq`` (``torch.func.vjp`` traced into one loop with its reductions; scalar
+  subexpressions hoisted out of it), and the sum of ``g_{t+1}`` from the same loop, which is the
+  non-finite check of that gradient. It reads the recorded inputs and writes nothing.
+* ``update``: the model update with the fresh coefficients. When the next step will learn from
+  it, the buffers are left at the state *before* it and only its gradient is stored: the next vjp
+  needs exactly these. The next update first advances the buffers past the recorded update (it
+  recomputes that state from them and the stored gradient, in the same loop) and writes them.
 
-Double buffering is what lets the one-step hypergradient recompute the last update: the buffers
-before it (state_{t-1}) stay intact for one step, then become the destination of the next update.
+So a hyper-learning step keeps S + 1 parameter-sized buffers (S: the rule's own; the +1 is the
+recorded gradient) and moves, per parameter, S + 2 reads in the vjp kernel, and S + 3 reads plus
+S + 2 writes in the update (every write in place): 3S + 7.
 """
 from __future__ import annotations
 
@@ -22,38 +25,89 @@ from torch import Tensor
 
 from optimizers import Family
 from optimizers.compiled import TensorKernel
-from optimizers.expr import grad
 from optimizers.functional import displacement
 
 __all__ = ["HyperKernels"]
 
 
+def _materialized(v):
+    """``v`` itself, computed once into a buffer of its own: ``as_strided`` needs storage, so Inductor
+    does not inline the computation of a scalar (a ``pow``, a division...) into each iteration of
+    the per-element loop that reads it."""
+    return v.as_strided(v.shape, v.stride()) if isinstance(v, Tensor) else v
+
+
 def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed, t):
     state = dict(zip(names, old_states))
     zero = torch.zeros((), dtype=g_old.dtype, device=g_old.device)  # x enters the update additively
+    # The sum of the cotangent (the new gradient) rides along in the loop of the vjp: it is the
+    # non-finite check of that gradient, at no extra pass over memory. (Traced first: Inductor then
+    # fuses it into that loop rather than into a second pass.)
+    cotangent_sum = cotangent.sum()
 
-    def delta_of(qv):
+    def coefficients(qv):
         h = dict(fixed)
         for i, n in enumerate(learn):
             h[n] = qv[i]
-        return displacement(family, g_old, state, zero, h, t, mode)[0]
+        return h
 
-    _, vjp_fn = torch.func.vjp(delta_of, q)
-    # The sum of the cotangent (the new gradient) rides along in the same loop: it is the
-    # non-finite check of that gradient, at no extra pass over memory.
-    return vjp_fn(cotangent)[0], cotangent.sum()
+    # Scalar subexpressions (bias corrections, their reciprocals...) are computed once, outside the
+    # per-element work, and enter the update as ``precomputed`` values (as in the update kernel):
+    # those that read a learned coefficient as 0-D functions of q, differentiated by a 0-D vjp
+    # chained after the per-element one; the others as constants. The per-element vjp sees them as
+    # leaves: no ``pow`` per element, and no per-element chain rule through them.
+    learned = frozenset(learn)
+    varying = tuple(uid for uid, reads in family.scalar_coefficients().items() if reads & learned)
+    constant = {uid: _materialized(v) for uid, v in family.scalar_values(coefficients(q), t).items()
+                if uid not in varying}
+
+    def scalars_of(qv):
+        values = family.scalar_values(coefficients(qv), t)
+        return tuple(values[uid] for uid in varying)
+
+    def delta_of(qv, sv):
+        precomputed = {**constant, **dict(zip(varying, sv))}
+        return displacement(family, g_old, state, zero, coefficients(qv), t, mode, precomputed)[0]
+
+    if varying:
+        scalars, scalars_vjp = torch.func.vjp(scalars_of, q)
+        _, vjp_fn = torch.func.vjp(delta_of, q, tuple(map(_materialized, scalars)))
+        partial_q, partial_s = vjp_fn(cotangent)
+        partial = partial_q + scalars_vjp(partial_s)[0]
+    else:
+        _, vjp_fn = torch.func.vjp(lambda qv: delta_of(qv, ()), q)
+        partial = vjp_fn(cotangent)[0]
+    return partial, cotangent_sum
 
 
-def _update(family, mode, names, x, g, old_states, new_states, g_store, h, t, precomputed):
-    state = dict(zip(names, old_states))
+def _advance(family, mode, g_old, state, h_old, t_old, pre_old):
+    """The state after the recorded update, from the state before it and its recorded gradient (with
+    L2 decay the effective one, so its weight decay is 0 here; x never enters the state)."""
+    h_old = {**h_old, "weight_decay": torch.zeros_like(h_old["weight_decay"])}
+    zero = torch.zeros((), dtype=g_old.dtype, device=g_old.device)
+    return displacement(family, g_old, state, zero, h_old, t_old, mode, pre_old)[1]
+
+
+def _update(family, mode, names, x, g, states, g_last, g_store, h, t, precomputed, last):
+    """The model update, in place, on buffers that hold either the current state or, ``last`` given
+    (the recorded update's scalars ``(h, t, precomputed)``, its gradient ``g_last``), the state
+    before the recorded update, which is advanced first. Recording (``g_store``): the buffers are
+    left at the state before this update and its gradient goes to ``g_store`` (the next vjp needs
+    exactly these); otherwise the buffers advance past it. ``g_store`` is never ``g_last``: a
+    buffer read into another one and overwritten in the same compiled kernel is miscompiled."""
+    state = dict(zip(names, states))
+    if last is not None:
+        state = _advance(family, mode, g_last, state, *last)
     if mode == "l2":  # the record keeps the effective gradient g + wd x, so no copy of x is needed
         g = g + h["weight_decay"] * x
         h = {**h, "weight_decay": torch.zeros_like(h["weight_decay"])}
-    if g_store is not None:  # None: a state buffer of the family is the gradient copy (see HyperKernels)
-        g_store.copy_(g)
     delta, new_state = displacement(family, g, state, x, h, t, mode, precomputed)
-    for name, buf in zip(names, new_states):
-        buf.copy_(new_state[name])
+    if g_store is None or last is not None:  # (recording from current buffers: they stay as they are)
+        kept = new_state if g_store is None else state
+        for name, buf in zip(names, states):
+            buf.copy_(kept[name])
+    if g_store is not None:
+        g_store.copy_(g)
     x.add_(delta)
 
 
@@ -73,10 +127,6 @@ class HyperKernels:
             raise ValueError(f"fused hyper-learning: family {family.name!r} has scalar buffers; use fused=False")
         self.family, self.mode, self.learn = family, mode, tuple(learn)
         self.names = family.state_names
-        # A buffer defined as the gradient itself (MADA's and Adan's g_prev) holds, after an update,
-        # exactly the gradient that the next vjp needs: it doubles as the record (one buffer less
-        # to keep and to write per step).
-        self.gradient_state = next((s.name for s in family.states if s.definition is grad and not s.scalar), None)
         self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
         self._kernels: Dict[tuple, TensorKernel] = {}
 
@@ -94,18 +144,25 @@ class HyperKernels:
             kern = self._kernels[key] = TensorKernel(partial, f"hyper_partial_{self._tag}")
         return kern
 
-    def _update_kernel(self, h_names: Tuple[str, ...], pre_ids: Tuple[int, ...], store: bool) -> TensorKernel:
-        key = ("update", h_names, pre_ids, store)
+    def _update_kernel(self, h_names: Tuple[str, ...], pre_ids: Tuple[int, ...], record: bool,
+                       last_names: Optional[Tuple[Tuple[str, ...], Tuple[int, ...]]]) -> TensorKernel:
+        key = ("update", h_names, pre_ids, record, last_names)
         kern = self._kernels.get(key)
         if kern is None:
             family, mode, names, S, H = self.family, self.mode, self.names, len(self.names), len(h_names)
 
             def update(x, g, *rest):
-                old, new, rest = rest[:S], rest[S:2 * S], rest[2 * S:]
-                g_store, rest = (rest[0], rest[1:]) if store else (None, rest)
-                h, t, pre = rest[:H], rest[H], rest[H + 1:]
-                _update(family, mode, names, x, g, old, new, g_store, dict(zip(h_names, h)), t,
-                        dict(zip(pre_ids, pre)))
+                states, rest = rest[:S], rest[S:]
+                g_last, rest = (rest[0], rest[1:]) if last_names is not None else (None, rest)
+                g_store, rest = (rest[0], rest[1:]) if record else (None, rest)
+                h, t, rest = dict(zip(h_names, rest[:H])), rest[H], rest[H + 1:]
+                pre, rest = dict(zip(pre_ids, rest[:len(pre_ids)])), rest[len(pre_ids):]
+                last = None
+                if last_names is not None:
+                    h_last, pre_last = last_names
+                    n = len(h_last)
+                    last = (dict(zip(h_last, rest[:n])), rest[n], dict(zip(pre_last, rest[n + 1:])))
+                _update(family, mode, names, x, g, states, g_last, g_store, h, t, pre, last)
 
             kern = self._kernels[key] = TensorKernel(update, f"hyper_update_{self._tag}")
         return kern
@@ -124,8 +181,22 @@ class HyperKernels:
         return {uid: v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
                 for uid, v in self.family.scalar_values(h, t).items()}
 
-    def update(self, x: Tensor, g: Tensor, old_states: Sequence[Tensor], new_states: Sequence[Tensor],
-               g_store: Optional[Tensor], h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor]):
-        kern = self._update_kernel(tuple(h), tuple(precomputed), g_store is not None)
-        store = () if g_store is None else (g_store,)
-        kern(x, g, *old_states, *new_states, *store, *h.values(), t, *precomputed.values())
+    def update(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Optional[Tensor],
+               g_store: Optional[Tensor], h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
+               last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]] = None):
+        """The model update of one tensor or packed run; see ``_update``. ``last``: ``(h, t,
+        precomputed)`` of the recorded update when ``states`` hold the state before it (``g_last``:
+        its gradient); ``g_store``: where this update's gradient goes when it is recorded."""
+        if (last is None) != (g_last is None):
+            raise ValueError("g_last and last go together")
+        last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
+        kern = self._update_kernel(tuple(h), tuple(precomputed), g_store is not None, last_names)
+        buffers = tuple(b for b in (g_last, g_store) if b is not None)
+        tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
+        kern(x, g, *states, *buffers, *h.values(), t, *precomputed.values(), *tail)
+
+    def advance(self, g_old: Tensor, states: Sequence[Tensor], h: Mapping[str, Tensor], t: Tensor,
+                precomputed: Mapping[int, Tensor]) -> Dict[str, Tensor]:
+        """The state after a recorded update (new tensors), eagerly: for ``state_dict`` and for a
+        recorded bucket that does not step again."""
+        return _advance(self.family, self.mode, g_old, dict(zip(self.names, states)), dict(h), t, dict(precomputed))

@@ -218,20 +218,20 @@ class HyperOptimizer(RuleOptimizer):
         self.skipped_updates = 0  # bucket updates not applied because they were non-finite
         self._lr_at_init: Dict[int, float] = {}
         self._hyper_kernels: Dict[str, HyperKernels] = {}
-        self._double: Dict[Tuple[int, ...], Dict] = {}  # fused path: spare buffers and gradient record per bucket
+        self._grad_record: Dict[Tuple[int, ...], List[Tensor]] = {}  # fused path: gradient buffers per bucket
         self._segment_cache: Dict[Tuple[int, ...], List] = {}  # fused path: kernel calls per bucket
         self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
     # ------------------------------------------------------------------ copy / pickle, new groups
-    _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_double",
+    _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_grad_record",
                                              "_segment_cache", "_set_index", "_graph_residual", "_graph_chain",
                                              "_graph_leaves", "_reduce_group")
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._index_cache, self._hyper_kernels, self._double, self._set_index = {}, {}, {}, {}
+        self._index_cache, self._hyper_kernels, self._grad_record, self._set_index = {}, {}, {}, {}
         self._segment_cache = {}
         self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
         self._param_set = {}
@@ -384,7 +384,8 @@ class HyperOptimizer(RuleOptimizer):
             return loss
         # 1. Hypergradients of the last updates at the new gradient, then 2. the tower top-down.
         all_finite = False  # gradients and hypergradients known finite: one host read per step, not two
-        if self._records0 is not None:
+        had_records = self._records0 is not None
+        if had_records:
             d = self._collect_hypergradients()
             if deferred is not None:
                 all_finite = bool(torch.isfinite(torch.cat(
@@ -393,7 +394,7 @@ class HyperOptimizer(RuleOptimizer):
                     self.skipped_steps += 1
                     return loss
         self._hyper_step += 1
-        if self._records0 is not None:
+        if had_records:
             if all_finite or self._hypergradients_finite(d):
                 self._hypergrads = [x.detach() for x in d]
                 self._update_tower(d)
@@ -639,8 +640,49 @@ class HyperOptimizer(RuleOptimizer):
             segs = self._segment_cache[key] = segments(params, [self._param_set[id(p)] for p in params])
         return segs
 
+    def _adopt_records(self):
+        """On the fused path a recorded bucket's buffers *are* its record's state (the state before
+        the recorded update). Records that were loaded, copied or unpickled hold their own tensors:
+        they become the buckets' buffers."""
+        for rec in self._records0 or []:
+            bucket = self._buckets.get(tuple(map(id, rec["params"])))
+            if bucket is None or any(bucket.flat[n] is not rec["state"][n] for n in self.family.state_names):
+                self._bucket(rec["params"], flat=rec["state"])
+
+    def _record_scalars(self, rec: Dict, kern: HyperKernels):
+        """``(h, t, precomputed)`` per coefficient set of the recorded update: its own
+        hyperparameters, step and coefficients (``rec["q"]``: q changed since)."""
+        params = rec["params"]
+        fixed = self._scalars(rec["fixed"], params[0])
+        t = torch.tensor(rec["t"], dtype=torch.float64, device=params[0].device)
+        out: Dict[int, Tuple] = {}
+        for p in params:
+            s = self._param_set[id(p)]
+            if s not in out:
+                h = dict(fixed)
+                q_sub = rec["q"][self._set_indices(p)]
+                for j, name in enumerate(self.learn):
+                    h[name] = q_sub[j].to(torch.float64)
+                out[s] = (h, t, kern.scalars(h, t))
+        return out
+
+    def _advanced_state(self, rec: Dict) -> Dict[str, Tensor]:
+        """The state after a recorded fused update (new tensors), from the state before it."""
+        kern = self._hyper_kernel(rec["mode"])
+        scalars = self._record_scalars(rec, kern)
+        names, params = self.family.state_names, rec["params"]
+        parts: Dict[str, List[Tensor]] = {n: [] for n in names}
+        for off, n, idxs in self._segments(params):
+            sl = slice(off, off + n)
+            h, t, pre = scalars[self._param_set[id(params[idxs[0]])]]
+            new = kern.advance(rec["g"][sl], [rec["state"][m][sl] for m in names], h, t, pre)
+            for m in names:
+                parts[m].append(new[m].expand(n) if new[m].dim() == 0 else new[m])
+        return {m: torch.cat(v) for m, v in parts.items()}
+
     def _fused_d1(self) -> Tensor:
         """Level-1 hypergradient from the compiled per-segment vjp kernels."""
+        self._adopt_records()
         d1 = torch.zeros_like(self._q[0])
         self._gradient_sums = []
         for rec in self._records0:
@@ -665,6 +707,18 @@ class HyperOptimizer(RuleOptimizer):
         return d1
 
     def _fused_model_update(self, record: bool):
+        """The fused update. Recording, it leaves each bucket's buffers at the state *before* the
+        update and stores only the gradient: the next step's vjp recomputes the update from exactly
+        these, and the next update advances the buffers past it in its own loop. The step thus keeps
+        S + 1 parameter-sized buffers (S: the rule's) and writes them in place."""
+        self._adopt_records()
+        lagging = {tuple(map(id, r["params"])): r for r in self._records0 or []}
+        stepping = {tuple(map(id, params)) for group in self.param_groups
+                    for params in self._partition([p for p in group["params"] if p.grad is not None]).values()}
+        for key in [k for k in lagging if k not in stepping]:  # a recorded bucket that does not step now
+            rec = lagging.pop(key)
+            for n, new in self._advanced_state(rec).items():
+                rec["state"][n].copy_(new)
         records = []
         names = self.family.state_names
         for gi, group in enumerate(self.param_groups):
@@ -678,14 +732,18 @@ class HyperOptimizer(RuleOptimizer):
             for (_, _, step), params in self._partition(with_grad).items():
                 bucket = self._bucket(params)
                 key = tuple(map(id, params))
-                buf = self._double.get(key)
-                if buf is None:
-                    buf = self._double[key] = {"spare": {n: torch.empty_like(v) for n, v in bucket.flat.items()}}
-                    if kern.gradient_state is None:  # else the new gradient-copy buffer is the record
-                        buf["g"] = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                               device=params[0].device)
-                old, new = dict(bucket.flat), buf["spare"]
-                g_store = buf["g"] if kern.gradient_state is None else new[kern.gradient_state]
+                last_rec = lagging.pop(key, None)
+                last = None if last_rec is None else self._record_scalars(last_rec, kern)
+                g_last = None if last_rec is None else last_rec["g"]
+                g_store = None
+                if record:  # two gradient buffers per bucket, alternating: never read and overwrite one
+                    pair = self._grad_record.get(key)
+                    if pair is None:
+                        pair = self._grad_record[key] = [torch.empty(sum(p.numel() for p in params),
+                                                                     dtype=params[0].dtype, device=params[0].device)
+                                                         for _ in range(2)]
+                    g_store = pair[1] if g_last is pair[0] else pair[0]
+                state = dict(bucket.flat)
                 t = torch.tensor(float(step + 1), dtype=torch.float64, device=params[0].device)
                 pre_by_set: Dict[int, Tuple[Dict, Dict]] = {}
                 for off, n, idxs in self._segments(params):
@@ -699,27 +757,28 @@ class HyperOptimizer(RuleOptimizer):
                         pre_by_set[s] = (h, kern.scalars(h, t))
                     h, pre = pre_by_set[s]
                     sl = slice(off, off + n)
-                    store = None if kern.gradient_state is not None else g_store[sl]
+                    gl = None if g_last is None else g_last[sl]
+                    gs = None if g_store is None else g_store[sl]
+                    prev = None if last is None else last[s]
                     if len(idxs) == 1 and p.is_contiguous() and p.grad.is_contiguous():
-                        kern.update(p.view(-1), p.grad.view(-1), [old[m][sl] for m in names],
-                                    [new[m][sl] for m in names], store, h, t, pre)
+                        kern.update(p.view(-1), p.grad.view(-1), [state[m][sl] for m in names], gl, gs, h, t, pre,
+                                    prev)
                     elif len(idxs) == 1:  # a strided tensor: the kernel on its own shape
-                        shape = lambda v: unflatten_like(v, [p])[0]  # noqa: E731
-                        kern.update(p, p.grad.contiguous(), [shape(old[m][sl]) for m in names],
-                                    [shape(new[m][sl]) for m in names], None if store is None else shape(store),
-                                    h, t, pre)
+                        shaped = lambda v: None if v is None else v.view(p.shape)  # noqa: E731
+                        kern.update(p, p.grad.contiguous(), [state[m][sl].view(p.shape) for m in names], shaped(gl),
+                                    shaped(gs), h, t, pre, prev)
                     else:  # small tensors packed: one call on a flat copy, then copied back
                         run = [params[i] for i in idxs]
                         x = cat_flat(run, run, run[0].dtype)
                         kern.update(x, cat_flat([q.grad for q in run], run, run[0].dtype),
-                                    [old[m][sl] for m in names], [new[m][sl] for m in names], store, h, t, pre)
+                                    [state[m][sl] for m in names], gl, gs, h, t, pre, prev)
                         torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
-                self._install_state(bucket, new)
-                buf["spare"] = old
                 for p in params:
                     self.state[p]["step"] = step + 1
-                records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode, "fixed": fixed,
-                                "g": g_store, "x": None, "state": old})
+                if record:
+                    records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode,
+                                    "fixed": fixed, "g": g_store, "x": None, "state": state,
+                                    "q": self._q[0].detach().clone()})
         self._records0 = records if record else None
         self._graph_residual = None
 
@@ -811,11 +870,24 @@ class HyperOptimizer(RuleOptimizer):
         recorded inputs of the last updates (so a resumed run learns from its next gradient exactly as an
         uninterrupted one). Tensors, numbers and strings only: loads with ``torch.load(weights_only=True)``.
         """
-        sd = super().state_dict()
+        # The fused path keeps a recorded bucket at the state before its last update: the state
+        # saved per parameter (torch's layout) is the state after it, computed here.
+        saved_views = []
+        for rec in (self._records0 or []) if self.fused else []:
+            for n, buf in self._advanced_state(rec).items():
+                for p, view in zip(rec["params"], unflatten_like(buf, rec["params"])):
+                    saved_views.append((p, n, self.state[p][n]))
+                    self.state[p][n] = view
+        try:
+            sd = super().state_dict()
+            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch hands out self.state's own dicts
+        finally:
+            for p, n, view in saved_views:
+                self.state[p][n] = view
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
         def pack_model(rec):
-            out = {k: v for k, v in rec.items() if k not in ("params", "x", "fixed")}
+            out = {k: v for k, v in rec.items() if k not in ("params", "x", "fixed", "q")}  # q: hyper["q"][0]
             out["params"] = [index[id(p)] for p in rec["params"]]
             out["fixed"] = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in rec["fixed"].items()}
             if rec["x"] is not None:
@@ -875,7 +947,10 @@ class HyperOptimizer(RuleOptimizer):
                 records.append({"params": ps, "group": int(rec["group"]), "t": float(rec["t"]), "mode": rec["mode"],
                                 "fixed": dict(rec["fixed"]), "g": rec["g"].detach().to(ps[0].device).clone(),
                                 "x": rec["x"].detach().clone() if "x" in rec else None,
-                                "state": {n: v.detach().clone() for n, v in rec["state"].items()}})
+                                "state": {n: v.detach().clone() for n, v in rec["state"].items()},
+                                # the coefficients of the recorded update (the fused path advances
+                                # its state with them): those saved, which were current at saving
+                                "q": self._q[0].clone()})
             self._records0 = records
         self._level_records = [None if r is None else {"q_old": r["q_old"].detach().clone(), "g": r["g"].detach().clone(),
                                                        "state": {n: v.detach().clone() for n, v in r["state"].items()},

@@ -212,18 +212,21 @@ class RuleOptimizer(torch.optim.Optimizer):
                     dtensor.check_grad(p, f"parameter {i} of param group {gi}")
 
     # ------------------------------------------------------------------ buckets
-    def _bucket(self, params: List[Tensor]) -> _Bucket:
+    def _bucket(self, params: List[Tensor], flat: Optional[Dict[str, Tensor]] = None) -> _Bucket:
+        """The bucket of ``params`` (created from their per-parameter state on first use), or with
+        ``flat`` a bucket made of exactly these buffers (adopted, not copied)."""
         key = tuple(map(id, params))
         bucket = self._buckets.get(key)
-        if bucket is not None:
+        if bucket is not None and flat is None:
             return bucket
         fam = self.family
         is_dt = self._has_dtensor and any(dtensor.is_dtensor(p) for p in params)
         shapes = dtensor.locals_of(params) if is_dt else params  # buffers follow the local shards
         dtype, device = self.state_dtype or params[0].dtype, shapes[0].device
-        flat: Dict[str, Tensor] = {}
+        adopted = flat is not None
+        flat = dict(flat) if adopted else {}
         have_state = all(s.name in self.state[p] for p in params for s in fam.states)
-        for s in fam.states:
+        for s in ([] if adopted else fam.states):
             if s.scalar:
                 value = self.state[params[0]][s.name] if have_state else None
                 flat[s.name] = (value.detach().clone().to(device=device, dtype=dtype) if value is not None

@@ -35,7 +35,7 @@ __all__ = [
     "Expr", "Const", "Input", "Coef", "State", "Prev", "Op",
     "grad", "param", "step", "const",
     "sqrt", "sign", "square", "maximum", "absolute", "first_step", "interp", "hull", "ema",
-    "bias_correction", "as_expr",
+    "bias_correction", "reciprocal", "is_uniform", "as_expr",
 ]
 
 _ids = itertools.count()
@@ -190,9 +190,12 @@ class Prev(Expr):
 
 
 class Op(Expr):
-    """An elementwise operation ``op(*args)``; see ``OPS`` for the list."""
+    """An elementwise operation ``op(*args)``; see ``OPS`` for the list.
 
-    __slots__ = ("op", "args")
+    ``uniform``: the operands (hence the result) have one value for all elements (see ``is_uniform``).
+    """
+
+    __slots__ = ("op", "args", "uniform")
 
     def __init__(self, op: str, args: Sequence[Expr]):
         super().__init__()
@@ -200,6 +203,7 @@ class Op(Expr):
             raise ValueError(f"unknown op {op!r}; allowed: {sorted(OPS)}")
         self.op = op
         self.args = tuple(args)
+        self.uniform = all(is_uniform(a) for a in self.args)
 
     def children(self):
         return self.args
@@ -236,6 +240,17 @@ class _SafeSqrt(torch.autograd.Function):
         return torch.where(root > 0, grad_out / (2 * root), torch.zeros_like(grad_out))
 
 
+def is_uniform(x: Expr) -> bool:
+    """Whether ``x`` has one value for all elements: it is built from constants, coefficients and
+    the step only (a bias correction, ``1 / t``...), not from the gradient, the parameter or a buffer.
+    Such subexpressions are computed once per step (``Family.scalar_values``) by the fused kernels."""
+    if isinstance(x, Op):
+        return x.uniform
+    if isinstance(x, Input):
+        return x.kind == "step"
+    return isinstance(x, (Const, Coef))
+
+
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return _SafeSqrt.apply(v)
 
@@ -246,8 +261,41 @@ def _first_step(t, a, b):
     return torch.where(t == 1, a, b)
 
 
+class _Interp(torch.autograd.Function):
+    """``w a + (1 - w) b`` whose derivative with respect to ``w`` is one reduction, ``sum(g (a - b))``.
+
+    Autograd would reduce ``g a`` and ``g b`` separately (``1 - w`` is a tensor of its own), two sums
+    over the elements in the fused vjp kernel instead of one. The forward is the plain formula, the
+    derivatives are the same (differentiable: higher orders go through them).
+    """
+
+    @staticmethod
+    def forward(a, b, w):
+        return w * a + (1 - w) * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(x if isinstance(x, torch.Tensor) else None for x in inputs))
+        ctx.numbers = tuple(None if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, w = (t if t is not None else n for t, n in zip(ctx.saved_tensors, ctx.numbers))
+        need_a, need_b, need_w = ctx.needs_input_grad
+        return (_sum_to(grad_out * w, a) if need_a else None,
+                _sum_to(grad_out * (1 - w), b) if need_b else None,
+                _sum_to(grad_out * (a - b), w) if need_w else None)
+
+
+def _sum_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the dimensions that ``like`` was broadcast along."""
+    return x.sum_to_size(like.shape) if x.shape != like.shape else x
+
+
 def _interp(a, b, w):
-    return w * a + (1 - w) * b
+    if not any(isinstance(x, torch.Tensor) for x in (a, b, w)):
+        return w * a + (1 - w) * b
+    return _Interp.apply(a, b, w)
 
 
 OPS: Dict[str, Callable] = {
@@ -330,7 +378,19 @@ def div(a, b):
         return Const(0.0)
     if _is_const(b, 1.0):
         return a
+    if is_uniform(b) and not is_uniform(a):
+        # A per-element quantity over a per-step scalar (a bias correction, the step count): a
+        # multiplication by the scalar's reciprocal, which the fused kernels compute once per step
+        # (``Family.scalar_values``), rather than a division per element — and two more in its
+        # derivative with respect to the scalar.
+        return mul(a, reciprocal(b))
     return Op("div", (a, b))
+
+
+def reciprocal(a):
+    """``1 / a``. Evaluated as ``torch.reciprocal`` on tensors: its derivative ``-g r^2`` reuses the
+    result ``r`` and needs no division (``x / y``'s derivative with respect to ``y`` has two)."""
+    return div(1.0, a)
 
 
 def neg(a):

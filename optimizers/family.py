@@ -30,11 +30,20 @@ __all__ = ["Family", "WEIGHT_DECAY_MODES"]
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2", "proximal")
 
+
+def _div(a, b):
+    # ``1 / tensor`` (``expr.reciprocal``) as ``torch.reciprocal``: its derivative reuses the result
+    # and needs no division (``Tensor.__rtruediv__`` does the same; this does not depend on it).
+    if isinstance(b, torch.Tensor) and not isinstance(a, torch.Tensor) and a == 1:
+        return torch.reciprocal(b)
+    return a / b
+
+
 _PY_OPS = {
     "add": operator.add,
     "sub": operator.sub,
     "mul": operator.mul,
-    "div": operator.truediv,
+    "div": _div,
     "neg": operator.neg,
     "pow": operator.pow,
 }
@@ -309,12 +318,27 @@ class Family:
                     elif isinstance(node, E.Op) and all(a.uid in scalar for a in node.args):
                         scalar.add(node.uid)
             frontier = set()
+            reads: Dict[int, frozenset] = {}  # scalar node -> the coefficients it reads
             for node, _ in self._schedule():
                 operands = node.args if isinstance(node, E.Op) else (node.definition,) if isinstance(node, E.State) else ()
-                if node.uid not in scalar:
+                if node.uid in scalar:
+                    reads[node.uid] = (frozenset((node.name,)) if isinstance(node, E.Coef) else
+                                       frozenset().union(*(reads[a.uid] for a in operands)))
+                else:
                     frontier.update(a.uid for a in operands if a.uid in scalar and isinstance(a, E.Op))
             self._scalar_uids, self._frontier = scalar, tuple(sorted(frontier))
+            self._scalar_reads = {uid: reads[uid] for uid in self._frontier}
         return self._frontier
+
+    def scalar_coefficients(self) -> Dict[int, frozenset]:
+        """For each value of ``scalar_values`` (by node id), the names of the coefficients it reads.
+
+        A kernel differentiating the update with respect to some coefficients hoists the scalars
+        that read them as functions of those coefficients (their derivative is a 0-D chain rule),
+        and the others as constants.
+        """
+        self._scalar_frontier()
+        return dict(self._scalar_reads)
 
     def _schedule(self):
         """Evaluation order (operands first) with, for each node, the values that die after it."""

@@ -41,8 +41,13 @@ def ema_state(name: str, value, beta, init: float = 0.0) -> State:
 
 
 def adaptive_direction(numerator, second_moment, beta2, eps):
-    """``numerator / (sqrt(v / (1 - beta2^t)) + eps)``: Adam's preconditioning, eps outside the sqrt."""
-    return numerator / (sqrt(second_moment / bias_correction(beta2)) + eps)
+    """``numerator / (sqrt(v / (1 - beta2^t)) + eps)``: Adam's preconditioning, eps outside the sqrt.
+
+    Built as ``numerator * r`` with the one reciprocal ``r = 1 / (sqrt(v / bc2) + eps)`` per element
+    (the derivative of ``r`` reuses it, where that of a quotient divides twice more); ``v / bc2`` is
+    ``v * (1 / bc2)`` with the scalar reciprocal hoisted (see ``expr.div``).
+    """
+    return numerator * E.reciprocal(sqrt(second_moment / bias_correction(beta2)) + eps)
 
 
 # --------------------------------------------------------------------------------------- SGD

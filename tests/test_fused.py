@@ -101,6 +101,45 @@ def test_fused_hyper_learning_rejects_unsupported_settings():
         H.MADA(p, fused=True, backend="graph")
 
 
+@pytest.mark.parametrize("point", ["interior", "adam", "lion"])
+def test_hoisted_vjp_kernel_equals_plain_vjp_of_displacement(point):
+    """The compiled vjp kernel (scalar subexpressions hoisted out of the per-element work and chained
+    by a 0-D vjp) == ``torch.func.vjp`` of ``displacement`` itself, eager, float64."""
+    from hypergrad.fused import HyperKernels
+    from hypergrad.gradcheck import MADA_INTERIOR
+    from optimizers.functional import displacement
+    from optimizers.rules import MADA_VERTICES
+
+    family, learn = O.get_rule("mada"), ("beta1", "beta2", "beta3", "c", "rho", "gamma")
+    point = {**MADA_INTERIOR, **({} if point == "interior" else MADA_VERTICES[point])}
+    f64 = dict(dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    n = 203  # not a multiple of the vector width: the kernel's tail loop too
+    g_old, cot = torch.randn(n, generator=gen, **f64), torch.randn(n, generator=gen, **f64)
+    state = {name: torch.randn(n, generator=gen, **f64) for name in family.state_names}
+    for name in ("v_bar", "v_tilde"):
+        state[name] = state[name].abs()
+    for name in ("v_bar", "v_tilde", "g_prev"):  # v_hat = 0 there: the sqrt's zero-derivative branch
+        state[name][:5] = 0.0
+    g_old[:5] = 0.0
+    q = torch.tensor([float(point[k]) for k in learn], **f64)
+    fixed = {k: torch.tensor(v, **f64) for k, v in
+             {"beta1_lion": 0.95, "beta2_lion": 0.98, "eps": 1e-8, "lr": 1e-2, "weight_decay": 0.1}.items()}
+    t = torch.tensor(5.0, **f64)
+
+    def delta(qv):
+        h = {**fixed, **{k: qv[i] for i, k in enumerate(learn)}}
+        return displacement(family, g_old, state, torch.zeros((), **f64), h, t, "decoupled")[0]
+
+    _, vjp = torch.func.vjp(delta, q)
+    (expected,) = vjp(cot)
+    kern = HyperKernels(family, "decoupled", learn)
+    partial, cot_sum = kern.partial_hypergradient(g_old, [state[k] for k in family.state_names], cot, q, fixed, t)
+    assert expected.abs().max() > 0
+    assert (partial - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
+    assert abs(cot_sum.item() - cot.sum().item()) <= 1e-12
+
+
 def _host_reads(opt) -> int:
     """Host reads of tensor values (``.item()``, ``bool(tensor)``) during one ``opt.step()``."""
     from torch.profiler import ProfilerActivity, profile
@@ -142,3 +181,84 @@ def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads)
     loss_fns[4](model).backward()
     opt.step()
     assert not torch.equal(before, torch.stack(list(opt.hypergradients().values())))  # it learned
+
+
+def test_fused_hyper_state_dict_holds_the_current_state():
+    """The fused path keeps each recorded bucket at the state *before* its last update (the next vjp
+    advances it); its state_dict must still carry the state after it, equal to the eager engine's
+    (float64), and a fused optimizer loaded from it must continue like the eager one."""
+    import hypergrad as H
+    from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
+
+    runs = {}
+    for fused in (False, True):
+        model, loss_fns = builtin_problem(8, seed=4)
+        opt = H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, fused=fused, **MADA_INTERIOR)
+        for loss_fn in loss_fns[:5]:
+            opt.zero_grad()
+            loss_fn(model).backward()
+            opt.step()
+        runs[fused] = (model, loss_fns, opt, opt.state_dict())
+    eager_state, fused_state = runs[False][3]["state"], runs[True][3]["state"]
+    assert eager_state.keys() == fused_state.keys()
+    for i in eager_state:
+        for name in O.get_rule("mada").state_names:
+            assert (eager_state[i][name] - fused_state[i][name]).abs().max().item() <= 1e-12, (i, name)
+    assert fused_state[0]["m"].abs().max().item() > 0  # the comparison is not between zeros
+    # Loaded into a fresh fused optimizer (from the eager file): it continues as the eager one does.
+    model_e, loss_fns, opt_e, sd = runs[False]
+    model_f, _ = builtin_problem(8, seed=4)
+    model_f.load_state_dict(model_e.state_dict())
+    opt_f = H.HyperOptimizer(model_f.parameters(), "mada", lr=1e-2, weight_decay=0.1, fused=True, **MADA_INTERIOR)
+    opt_f.load_state_dict(sd)
+    for model, opt in ((model_e, opt_e), (model_f, opt_f)):
+        for loss_fn in loss_fns[5:]:
+            opt.zero_grad()
+            loss_fn(model).backward()
+            opt.step()
+    for a, b in zip(model_e.parameters(), model_f.parameters()):
+        assert (a - b).abs().max().item() <= 1e-12
+    assert (torch.cat(opt_e._q) - torch.cat(opt_f._q)).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("record,lagging", [(True, True), (True, False), (False, True), (False, False)])
+def test_fused_hyper_update_kernel_equals_its_eager_definition(record, lagging):
+    """Each variant of the compiled hyper update kernel (advance the buffers past the recorded
+    update or not; leave them before this update and store the gradient, or not) equals the eager
+    function it is traced from, in float64. Regression: a kernel that wrote the gradient buffer it
+    also copied into MADA's g_prev gave g_prev the new gradient once compiled."""
+    import hypergrad.fused as HF
+
+    fam = O.get_rule("mada")
+    names = fam.state_names
+    kern = HF.HyperKernels(fam, "decoupled", ["beta1", "beta2", "beta3", "c", "rho", "gamma"])
+    gen = torch.Generator().manual_seed(0)
+    n = 203  # not a multiple of the vector width: the loop's tail runs too
+
+    def rand(positive=False):
+        v = torch.randn(n, generator=gen, dtype=torch.float64)
+        return v.abs() if positive else v
+
+    h = {name: torch.tensor(v, dtype=torch.float64) for name, v in
+         dict(beta1=0.8, beta2=0.95, beta3=0.3, c=0.6, rho=0.4, gamma=0.7, beta1_lion=0.95, beta2_lion=0.98,
+              eps=1e-8, lr=1e-2, weight_decay=0.1).items()}
+    t, t_last = torch.tensor(4.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    pre, pre_last = kern.scalars(h, t), kern.scalars(h, t_last)
+    x, g, g_last = rand(), rand(), rand()
+    states = [rand(positive=name.startswith("v")) for name in names]
+    last = (h, t_last, pre_last) if lagging else None
+    outs = []
+    for compiled in (True, False):
+        xs, ss = x.clone(), [s.clone() for s in states]
+        g_store = torch.zeros(n, dtype=torch.float64) if record else None
+        gl = g_last.clone() if lagging else None
+        if compiled:
+            kern.update(xs, g.clone(), ss, gl, g_store, h, t, pre, last)
+        else:
+            HF._update(fam, "decoupled", names, xs, g.clone(), ss, gl, g_store, h, t, pre, last)
+        outs.append([xs, *ss] + ([g_store] if record else []))
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all()
+        assert (a - b).abs().max().item() <= 1e-12
+    if record and lagging:  # the advanced g_prev is the recorded gradient, not the new one
+        assert torch.equal(outs[0][1 + names.index("g_prev")], g_last)

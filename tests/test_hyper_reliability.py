@@ -26,10 +26,10 @@ def _steps(model, opt, loss_fns):
         opt.step()
 
 
-@pytest.mark.parametrize("backend", ["functional", "graph"])
-def test_state_dict_resume_is_exact(backend):
+@pytest.mark.parametrize("backend,fused", [("functional", False), ("graph", False), ("functional", True)])
+def test_state_dict_resume_is_exact(backend, fused):
     model, loss_fns = builtin_problem(16, seed=5)
-    opt = _make(backend, model)
+    opt = _make(backend, model, fused=fused)
     _steps(model, opt, loss_fns[:8])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -39,7 +39,7 @@ def test_state_dict_resume_is_exact(backend):
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed_model.load_state_dict(saved["model"])
-    resumed = _make(backend, resumed_model)
+    resumed = _make(backend, resumed_model, fused=fused)
     resumed.load_state_dict(saved["opt"])
     _steps(resumed_model, resumed, loss_fns[8:])
 
