@@ -506,8 +506,8 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
         return {"buffers": float(S), "buffers_formula": f"S = {S}", "floor_bytes": float(2 * S + 3),
                 "floor_formula": f"2S+3 = {2 * S + 3}", "states": S}
     if info.kind == "hyper_fused":
-        return {"buffers": float(S + 1), "buffers_formula": f"S+1 = {S + 1} (state, g record)",
-                "floor_bytes": float(3 * S + 6), "floor_formula": f"(2S+2) vjp + (S+4) update = {3 * S + 6}",
+        return {"buffers": float(S + 2), "buffers_formula": f"S+2 = {S + 2} (state, 2 g records)",
+                "floor_bytes": float(3 * S + 7), "floor_formula": f"(S+2) vjp + (2S+5) update = {3 * S + 7}",
                 "states": S}
     if info.kind == "hyper":
         alias = _grad_alias_states(fam)
@@ -1123,11 +1123,11 @@ def write_doc(report: dict, path: Path) -> str:
     w("")
     w("*floor B/p*: parameter-sized buffers a step must read plus write at the least, for the algorithm as this "
       "path runs it (one pass per kernel, nothing cached): fused AdamW 7 (read p, g, m, v; write p, m, v); a rule "
-      "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); hyper-learning 3S+6: the vjp kernel "
-      "recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before it, and "
-      "the new gradient as cotangent) and writes the state after it into the same buffers (2S+2), then the update "
-      "reads p, g and the S buffers and writes p and the gradient record, leaving the buffers for the next vjp "
-      "(S+4); the eager hyper path writes new buffers instead and also records a copy of x where weight decay "
+      "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); fused hyper-learning 3S+7: the vjp "
+      "kernel recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before "
+      "it, and the new gradient as cotangent: S+2), then the update reads the S buffers and g_old, advances the "
+      "state past the recorded update, reads p and g, and writes the S buffers, the new gradient record and p "
+      "(2S+5); the eager hyper path (3S+6) writes new buffers and also records a copy of x where weight decay "
       "reads it (+2). On a "
       "memory-bound CPU step, *floor x* = floor / 7 is the best ratio to fused AdamW the algorithm can reach, "
       "and *efficiency* = floor x / measured x (1.0: as close to the bandwidth floor as fused AdamW). "
@@ -1168,8 +1168,9 @@ def write_doc(report: dict, path: Path) -> str:
           "`len(family.states)` parameter-sized buffers (scalar buffers, NAdam's running product, are not counted); "
           "the eager path builds new buffers and swaps them in, the fused path updates in place. Hyper-learning "
           "keeps, besides the S buffers, the inputs of the last update for the next step's vjp: the fused path "
-          "leaves the S buffers at the state before the last update (the next vjp kernel advances them) and keeps "
-          "one gradient record (with L2 decay it holds g + wd x, so no copy of x): S+1. The eager path keeps the old S buffers "
+          "leaves the S buffers at the state before the last update (the next update advances them) and keeps two "
+          "gradient records used alternately (with L2 decay they hold g + wd x, so no copy of x): S+2. The eager "
+          "path keeps the old S buffers "
           "and a copy of the gradient, plus a copy of x where weight decay (or the rule) reads it; a buffer whose new "
           "value is the gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
         w("")
@@ -1192,7 +1193,7 @@ def write_doc(report: dict, path: Path) -> str:
         w("")
         w("Count per rule (analytic, parameter-sized buffers):")
         w("")
-        w("| rule | S (rule alone) | hyper-learning, fused path (S+1) | hyper-learning, eager path |")
+        w("| rule | S (rule alone) | hyper-learning, fused path (S+2) | hyper-learning, eager path |")
         w("|---|---:|---:|---:|")
         for rule in ["mada"] + list(RULE_KWARGS):
             fam = family(rule)
@@ -1200,7 +1201,7 @@ def write_doc(report: dict, path: Path) -> str:
             alias = _grad_alias_states(fam)
             decoupled = fam.weight_decay_mode != "l2"
             eager = 2 * S + 2 - (alias if decoupled else 0)
-            fused = f"{S + 1}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
+            fused = f"{S + 2}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
             w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
         w("")
 

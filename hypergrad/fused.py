@@ -12,9 +12,10 @@ Two compiled functions per (family, weight-decay mode), each called once per par
   needs exactly these. The next update first advances the buffers past the recorded update (it
   recomputes that state from them and the stored gradient, in the same loop) and writes them.
 
-So a hyper-learning step keeps S + 1 parameter-sized buffers (S: the rule's own; the +1 is the
-recorded gradient) and moves, per parameter, S + 2 reads in the vjp kernel, and S + 3 reads plus
-S + 2 writes in the update (every write in place): 3S + 7.
+So a hyper-learning step keeps S + 2 parameter-sized buffers (S: the rule's own; 2: the recorded
+gradient and the buffer the next one goes to, alternating, because a compiled kernel that reads a
+buffer into another one and overwrites it is miscompiled) and moves, per parameter, S + 2 reads in
+the vjp kernel, and S + 3 reads plus S + 2 writes in the update (every write in place): 3S + 7.
 """
 from __future__ import annotations
 

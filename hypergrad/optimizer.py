@@ -710,7 +710,8 @@ class HyperOptimizer(RuleOptimizer):
         """The fused update. Recording, it leaves each bucket's buffers at the state *before* the
         update and stores only the gradient: the next step's vjp recomputes the update from exactly
         these, and the next update advances the buffers past it in its own loop. The step thus keeps
-        S + 1 parameter-sized buffers (S: the rule's) and writes them in place."""
+        S + 2 parameter-sized buffers (S: the rule's; two gradient records, alternating) and writes
+        them in place."""
         self._adopt_records()
         lagging = {tuple(map(id, r["params"])): r for r in self._records0 or []}
         stepping = {tuple(map(id, params)) for group in self.param_groups
