@@ -894,10 +894,16 @@ def verdicts(report: dict) -> List[dict]:
     mem = report.get("memory")
     if mem:
         res = mem["results"]
-        over = {n: r for n, r in res.items() if r.get("analytic_buffers", 0) > TARGET_BUFFERS + 1e-9}
-        text = ", ".join(f"{n} {r['analytic_buffers']:.1f} (measured {r['measured_buffers']:.1f})" for n, r in over.items())
-        add(f"optimizer state + hypergradient residuals <= {TARGET_BUFFERS} parameter-sized buffers",
-            text if over else "all within", not over, "over: " + ", ".join(over) if over else "")
+        fast_kinds = ("torch_adamw", "rule_fused", "hyper_fused")
+        for label, fast in (("fused path", True), ("eager path", False)):
+            subset = {n: r for n, r in res.items() if CANDIDATE_INFO.get(n)
+                      and (CANDIDATE_INFO[n].kind in fast_kinds) == fast}
+            hyper = {n: r for n, r in subset.items() if CANDIDATE_INFO[n].kind in ("hyper", "hyper_fused")}
+            over = {n: r for n, r in subset.items() if r.get("analytic_buffers", 0) > TARGET_BUFFERS + 1e-9}
+            text = ", ".join(f"{n} {r['analytic_buffers']:.1f} (measured {r['measured_buffers']:.1f})"
+                             for n, r in (over or hyper).items())
+            add(f"optimizer state + hypergradient residuals <= {TARGET_BUFFERS} parameter-sized buffers ({label})",
+                text or "no candidate", not over, "over: " + ", ".join(over) if over else "")
         far = {n: r for n, r in res.items() if r.get("peak_over_prediction") and r["peak_over_prediction"] > TARGET_PEAK}
         inplace = [r["peak_over_prediction"] for n, r in res.items() if r.get("peak_over_prediction")
                    and CANDIDATE_INFO.get(n) and CANDIDATE_INFO[n].kind in ("torch_adamw", "rule_fused", "hyper_fused")]
