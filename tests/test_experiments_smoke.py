@@ -140,7 +140,7 @@ def test_bench_analytic_counts_and_floors():
     assert a("adam")["buffers"] == a("adam_fused")["buffers"] == 2 and a("adam_fused")["floor_bytes"] == 7
     assert a("mada_fused")["buffers"] == 6 and a("mada_fused")["floor_bytes"] == 15      # 2S+3
     assert a("nadam")["buffers"] == 2                                                    # scalar mu_product not counted
-    assert a("mada_hyper_fused")["buffers"] == 13 and a("mada_hyper_fused")["floor_bytes"] == 24   # 2S+1, 3S+6
+    assert a("mada_hyper_fused")["buffers"] == 8 and a("mada_hyper_fused")["floor_bytes"] == 25    # S+2, 3S+7
     model = build_model("tiny", vocab_size=84)
     groups = param_groups(model, 0.1)
     eager = a("mada_hyper", groups)["buffers"]          # 2S+1 + x copy (decay group) - g_prev aliasing the g copy
