@@ -54,6 +54,7 @@ extra level of a hyper-optimizer tower. See ``run_all`` for the knobs and ``writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -86,7 +87,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "runs" / "bench_step.json"
-MODEL_CHOICES = ("gpt10m", "mlp10m", "demo", "tiny", "mlp_tiny")
+MODEL_CHOICES = ("gpt10m", "mlp10m", "demo", "tiny", "mlp_tiny", "gpt2_124m")
 
 LR = 1e-3
 WEIGHT_DECAY = 0.1
@@ -237,8 +238,10 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_model(name: str, vocab_size: int = 84, device: Optional[torch.device] = None, **overrides) -> torch.nn.Module:
-    """The benchmark model. GPTs use the Shakespeare vocabulary size (84) without loading the data.
+def make_model(name: str, vocab_size: Optional[int] = None, device: Optional[torch.device] = None,
+               **overrides) -> torch.nn.Module:
+    """The benchmark model. Char GPTs use the Shakespeare vocabulary size (84, their config's) without
+    loading the data; ``gpt2_124m`` GPT-2's (50304).
 
     ``mlp_tiny`` is a small MLP for tests; ``overrides`` replace config fields (``hidden=...``).
     """
@@ -248,7 +251,7 @@ def make_model(name: str, vocab_size: int = 84, device: Optional[torch.device] =
     if key not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; allowed: {MODEL_CHOICES}")
     if isinstance(CONFIGS[key], GPTConfig):
-        model = build_model(key, vocab_size=vocab_size, **overrides)
+        model = build_model(key, vocab_size=vocab_size or CONFIGS[key].vocab_size, **overrides)
     else:
         model = build_model(key, **overrides)
     return model.to(device) if device is not None else model
@@ -704,10 +707,14 @@ def step_table(model_name: str, names: Sequence[str], steps: int, warmup: int, s
 
 # ------------------------------------------------------------------------------------------ (d) train step
 def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, warmup: int, device: torch.device,
-                seed: int = 0, project_batch: Optional[int] = None, progress: bool = True) -> dict:
+                seed: int = 0, project_batch: Optional[int] = None, progress: bool = True,
+                autocast: Optional[torch.dtype] = None) -> dict:
     """(d) Whole train step (zero_grad, forward, backward, step) per candidate, each on its own copy of
     the same initial model, same batch per round (random tokens: the cost does not depend on the data),
-    round-robin. Dropout as configured (nanoGPT's Shakespeare config trains with 0.2)."""
+    round-robin. Dropout as configured (nanoGPT's Shakespeare config trains with 0.2). ``autocast``: the
+    forward pass under ``torch.autocast(device, dtype)`` (parameters and optimizer stay float32).
+    Reports tokens per second and, on CUDA, the peak memory of each candidate's step above what is
+    resident before it, and the bytes of its optimizer state."""
     sync = _sync_fn(device)
     torch.manual_seed(seed)
     base = make_model(model_name, device=device)
@@ -716,6 +723,10 @@ def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, w
     del base
     optims = {n: build_candidate(n, param_groups(models[n], WEIGHT_DECAY)) for n in names}
     gen = torch.Generator().manual_seed(seed)
+    cuda = device is not None and device.type == "cuda"
+    ctx = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+    resident: Dict[str, int] = {}
+    peaks: Dict[str, int] = {}
     fb: Dict[str, List[float]] = {n: [] for n in names}
     st: Dict[str, List[float]] = {n: [] for n in names}
     tot: Dict[str, List[float]] = {n: [] for n in names}
@@ -733,14 +744,20 @@ def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, w
             model, opt = models[n], optims[n]
             opt.zero_grad(set_to_none=True)
             sync()
+            if cuda and r == warmup + steps - 1:  # last round: this candidate's peak above what is resident
+                resident[n] = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter_ns()
-            _, loss = model(x, y)
+            with ctx():
+                _, loss = model(x, y)
             loss.backward()
             sync()
             t1 = time.perf_counter_ns()
             opt.step()
             sync()
             t2 = time.perf_counter_ns()
+            if cuda and r == warmup + steps - 1:
+                peaks[n] = torch.cuda.max_memory_allocated(device) - resident[n]
             if r >= warmup:
                 fb[n].append((t1 - t0) / 1e6)
                 st[n].append((t2 - t1) / 1e6)
@@ -751,7 +768,11 @@ def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, w
     for n in names:
         r = {"step_ms": statistics.median(tot[n]), "fwd_bwd_ms": statistics.median(fb[n]),
              "opt_step_ms": statistics.median(st[n]), "ratio_to_fused": statistics.median(tot[n]) / ref,
-             "paired_ratio_to_fused": paired_ratio(tot[n], tot[FUSED]), "n": len(tot[n])}
+             "paired_ratio_to_fused": paired_ratio(tot[n], tot[FUSED]), "n": len(tot[n]),
+             "tokens_per_s": batch * cfg.block_size / (statistics.median(tot[n]) / 1e3),
+             "optimizer_state_mb": _state_bytes(optims[n]) / 2 ** 20}
+        if n in peaks:
+            r["step_peak_mb"] = peaks[n] / 2 ** 20
         if project_batch and project_batch != batch:
             F = fb_pool * project_batch / batch
             r["projected_ratio"] = (F + r["opt_step_ms"]) / (F + statistics.median(st[FUSED]))
@@ -759,7 +780,31 @@ def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, w
     return {"model": model_name, "n_params": count_parameters(models[names[0]]), "batch": batch,
             "block_size": cfg.block_size, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "dropout": cfg.dropout,
             "steps": steps, "warmup": warmup, "project_batch": project_batch, "fwd_bwd_pooled_ms": fb_pool,
-            "results": results}
+            "autocast": None if autocast is None else str(autocast), "device": str(device), "results": results}
+
+
+def _state_bytes(opt) -> int:
+    """Bytes of the distinct tensor storages in an optimizer's ``state`` (and, for a hyper-optimizer,
+    its records and gradient buffers), parameters excluded."""
+    seen, total = set(), 0
+
+    def visit(obj):
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = obj.untyped_storage().data_ptr()
+            if key not in seen and obj.numel() > 1:
+                seen.add(key)
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+    visit([dict(s) for s in opt.state.values()])
+    visit(getattr(opt, "_records0", None) or [])
+    visit(list(getattr(opt, "_grad_record", {}).values()))
+    return total
 
 
 # ------------------------------------------------------------------------------------------ (e) scaling
@@ -969,7 +1014,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
             progress: bool = True) -> dict:
     """Every measurement of issue #5 in one process; returns the report (``"kind": "all"``).
 
-    ``train``: ``(label, model, batch, project_batch, timed rounds)`` per whole-train-step table
+    ``train``: ``(label, model, batch, project_batch, timed rounds[, autocast dtype])`` per whole-train-step
+    table
     (``project_batch``: also give the ratio projected to that batch size, forward/backward scaled
     linearly). ``tower_small_model``: the tower table again on this (small) model, eager path, to
     resolve the absolute cost of a level. Empty sequences / None skip a phase.
@@ -1007,9 +1053,9 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
         report["scaling"] = phase("scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
                                   seed, progress)
     report["train"] = {}
-    for label, model, batch, proj, n_steps in train:
+    for label, model, batch, proj, n_steps, *autocast in train:  # optional 6th entry: an autocast dtype
         report["train"][label] = phase(f"train {label}", train_table, model, batch, train_candidates, n_steps, 1,
-                                       device, seed, proj, progress)
+                                       device, seed, proj, progress, *autocast)
     machine = machine_info(device)
     machine["loadavg_before"], machine["loadavg_after"] = load_start, _loadavg()
     if resource is not None:
@@ -1215,19 +1261,24 @@ def write_doc(report: dict, path: Path) -> str:
     if report.get("train"):
         w("## (d) Whole train step")
         w("")
-        w("zero_grad, forward, backward and optimizer step of a char GPT, each candidate on its own copy of the "
+        w("zero_grad, forward, backward and optimizer step of a GPT, each candidate on its own copy of the "
           "same initial model, the same random-token batch per round (the cost does not depend on the data), "
           "round-robin, median over the timed rounds. No gradient clipping. *projected x*: the ratio at a larger "
           "batch, forward+backward scaled linearly from the measured pooled median, optimizer steps as measured "
-          "(an estimate, not a measurement).")
+          "(an estimate, not a measurement). *tokens/s*: batch x block over the median train step. *state MB*: "
+          "the optimizer's own tensors (state, records, gradient buffers). On CUDA, *step peak MB*: the highest "
+          "allocation during the candidate's last train step above what was resident before it.")
         w("")
         for label, tab in report["train"].items():
             w(f"### {label}: {tab['model']} ({tab['n_params'] / 1e6:.2f}M parameters, {tab['n_layer']} layers, "
               f"{tab['n_embd']} wide, block {tab['block_size']}, batch {tab['batch']}, dropout {tab['dropout']}), "
-              f"{tab['steps']} timed rounds")
+              f"{tab['steps']} timed rounds, device {tab.get('device', report['config']['device'])}"
+              + (f", forward in {tab['autocast']} autocast" if tab.get("autocast") else ""))
             w("")
-            head = "| optimizer | train step ms | fwd+bwd ms | opt step ms | x fused AdamW | paired x (p25-p75) |"
-            sep = "|---|---:|---:|---:|---:|---|"
+            peak = any("step_peak_mb" in r for r in tab["results"].values())
+            head = ("| optimizer | train step ms | fwd+bwd ms | opt step ms | x fused AdamW | paired x (p25-p75) "
+                    "| tokens/s | state MB |" + (" step peak MB |" if peak else ""))
+            sep = "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if peak else "")
             if tab.get("project_batch") and tab["project_batch"] != tab["batch"]:
                 head += f" projected x at batch {tab['project_batch']} |"
                 sep += "---:|"
@@ -1236,7 +1287,9 @@ def write_doc(report: dict, path: Path) -> str:
             for n, r in tab["results"].items():
                 pr = r["paired_ratio_to_fused"]
                 line = (f"| {n} | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['opt_step_ms']:.1f} "
-                        f"| {r['ratio_to_fused']:.3f} | {pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f}) |")
+                        f"| {r['ratio_to_fused']:.3f} | {pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f}) "
+                        f"| {_f(r.get('tokens_per_s'), '{:.0f}')} | {_f(r.get('optimizer_state_mb'), '{:.1f}')} |"
+                        + (f" {_f(r.get('step_peak_mb'), '{:.1f}')} |" if peak else ""))
                 if "projected_ratio" in r:
                     line += f" {r['projected_ratio']:.3f} |"
                 w(line)
@@ -1352,6 +1405,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="batch of the nanoGPT Shakespeare-config train step (nanoGPT uses 64: too slow on a CPU); "
                         "the ratio is also projected to 64. Default 4")
     a.add_argument("--no-train", action="store_true", help="skip the train-step tables")
+    a.add_argument("--gpt2-batch", type=int, default=8,
+                   help="on CUDA: batch of the GPT-2 124M train step in bf16 autocast (block 1024); default 8")
+    a.add_argument("--gpt2-steps", type=int, default=10, help="on CUDA: timed rounds of the GPT-2 124M train step"),
     a.add_argument("--scaling-sizes", type=_floats, default=[1, 5, 10, 25, 50],
                    help="MLP sizes in M parameters; default 1,5,10,25,50 ('' to skip)")
     a.add_argument("--scaling-steps", type=int, default=6, help="timed rounds per scaling size; default 6")
@@ -1370,12 +1426,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.all:
         argv_list = list(sys.argv[1:] if argv is None else argv)
+        on_cuda = (torch.device(args.device) if args.device else default_device()).type == "cuda"
+        train_rows = () if args.no_train else (
+            ("demo", "demo", 16, None, args.demo_train_steps),
+            ("shakespeare", "gpt10m", args.shakespeare_batch, 64, args.train_steps))
+        if on_cuda and not args.no_train:  # GPT-2 124M shapes, forward in bf16 autocast: the GPU rows
+            train_rows += (("gpt2_124m_bf16", "gpt2_124m", args.gpt2_batch, None, args.gpt2_steps, torch.bfloat16),)
         report = run_all(models=[m for m in args.models.split(",") if m], only=args.only,
                          steps=args.steps if args.steps is not None else 15, warmup=args.warmup,
                          slow_steps=args.slow_steps, memory_model=args.memory_model or None,
-                         train=() if args.no_train else (
-                             ("demo", "demo", 16, None, args.demo_train_steps),
-                             ("shakespeare", "gpt10m", args.shakespeare_batch, 64, args.train_steps)),
+                         train=train_rows,
                          scaling_sizes=args.scaling_sizes, scaling_steps=args.scaling_steps,
                          tower_model=args.tower_model or None, tower_steps=args.tower_steps,
                          tower_small_model=args.tower_small_model or None, tower_small_steps=args.tower_small_steps,

@@ -187,6 +187,8 @@ CONFIGS: Dict[str, Union[GPTConfig, MLPConfig]] = {
     "bench10m": GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
     # ~10.5M parameters in four matrices
     "mlp10m": MLPConfig(in_features=1024, hidden=2048, n_hidden_layers=3, out_features=10),
+    # GPT-2 124M shapes (vocabulary padded to 50304 as in nanoGPT): the GPU rows of the benchmark
+    "gpt2_124m": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
 }
 CONFIGS["gpt10m"] = CONFIGS["bench10m"]
 

@@ -169,7 +169,8 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
     cpu = torch.device("cpu")
     report = bench_step.run_all(
         models=["tiny", "mlp_tiny"], only=["adam", "mada", "mada_hyper"], steps=2, warmup=1, slow_steps=2,
-        memory_model="tiny", train=(("demo", "tiny", 4, None, 2), ("shakespeare", "tiny", 2, 8, 2)),
+        memory_model="tiny", train=(("demo", "tiny", 4, None, 2), ("shakespeare", "tiny", 2, 8, 2),
+                                    ("bf16", "tiny", 2, None, 2, torch.bfloat16)),
         train_candidates=("torch_adamw_fused", "mada", "mada_hyper"), scaling_sizes=(0.005, 0.01), scaling_steps=2,
         scaling_candidates=("torch_adamw_fused", "mada"), tower_model="tiny", tower_steps=2, tower_fused=False,
         tower_small_model="tiny", tower_small_steps=2, device=cpu, progress=False)
@@ -182,6 +183,13 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
     assert set(report["tower"]["results"]) == set(report["tower_small"]["results"]) == {"depth1", "depth2", "depth3"}
     assert set(bench_step.tower_level_estimate(report)) == {"depth2", "depth3"}
     assert "projected_ratio" in report["train"]["shakespeare"]["results"]["mada_hyper"]
+    bf16 = report["train"]["bf16"]  # the GPU rows' code path (autocast forward, tokens/s, state bytes), on a CPU
+    assert bf16["autocast"] == "torch.bfloat16" and bf16["device"] == "cpu"
+    for name, r in bf16["results"].items():
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1e3))
+        assert "step_peak_mb" not in r  # CUDA only
+    # the state of hyper-learning MADA (6 buffers, records, gradient buffers) outweighs AdamW's 2 buffers
+    assert bf16["results"]["mada_hyper"]["optimizer_state_mb"] > 2 * bf16["results"]["torch_adamw_fused"]["optimizer_state_mb"] > 0
     targets = [v["target"] for v in report["verdicts"]]
     assert any("2.5x" in t for t in targets) and any("tower" in t for t in targets) and any("linear" in t for t in targets)
     doc = tmp_path / "performance.md"
@@ -190,6 +198,16 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
     for heading in ("## Verdicts", "## (a)", "## (b)", "## (d)", "## (e)", "## (f)", report["torch"]):
         assert heading in text
     assert "| mada_hyper | hyper eager |" in text
+    assert "forward in torch.bfloat16 autocast" in text and "tokens/s" in text
+
+
+def test_bench_gpt2_124m_shapes():
+    """The GPU rows' model: GPT-2 124M shapes (built on the meta device: no memory, no compute)."""
+    with torch.device("meta"):  # built there (moving a built model to meta would untie wte and lm_head)
+        model = bench_step.make_model("gpt2_124m")
+    assert abs(count_parameters(model) / 1e6 - 124.4) < 0.5
+    assert model.config.vocab_size == 50304 and model.config.block_size == 1024
+    assert bench_step.make_model("demo", device=torch.device("meta")).config.vocab_size == 84
 
 
 def test_bench_all_cli_writes_json_and_doc(tmp_path):
