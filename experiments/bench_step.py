@@ -1269,6 +1269,11 @@ def write_doc(report: dict, path: Path) -> str:
           "the optimizer's own tensors (state, records, gradient buffers). On CUDA, *step peak MB*: the highest "
           "allocation during the candidate's last train step above what was resident before it.")
         w("")
+        if not any(tab.get("model") == "gpt2_124m" for tab in report["train"].values()):
+            w("No CUDA device in this run: the GPT-2 124M rows (forward in bf16 autocast, fused AdamW baseline, "
+              "tokens/s and peak memory) are measured only when `--all` runs on a GPU (`--device cuda`, "
+              "`--gpt2-batch`, `--gpt2-steps`); the same script runs there unchanged.")
+            w("")
         for label, tab in report["train"].items():
             w(f"### {label}: {tab['model']} ({tab['n_params'] / 1e6:.2f}M parameters, {tab['n_layer']} layers, "
               f"{tab['n_embd']} wide, block {tab['block_size']}, batch {tab['batch']}, dropout {tab['dropout']}), "
