@@ -60,7 +60,7 @@ import torch
 
 import hypergrad
 import optimizers
-from experiments.config import ConfigError, TrainConfig, parse_config
+from experiments.config import ConfigError, TrainConfig, exit_on_config_error, parse_config
 from experiments.data import CharCorpus, load_shakespeare
 from experiments.model import GPT, count_parameters, param_groups
 from experiments.train import ADAM_CONVENTION, evaluate, fixed_batches, git_commit, lr_lambda, model_config
@@ -338,6 +338,36 @@ def get_or_run(results: Results, phase: str, name: str, lr: float, seed: int, it
     return row
 
 
+def open_runs(cfg, corpus: Optional[CharCorpus] = None
+              ) -> Tuple[CharCorpus, Results, Dict[str, Any], Callable[[], None]]:
+    """What a resumable suite (this one, ``experiments.poor_init``) starts with: ``cfg.threads``, the
+    corpus (loaded unless given), the ``Results`` of ``<runs_dir>/results.jsonl`` and the ``meta`` of
+    ``<runs_dir>/meta.json``; returns ``(corpus, results, meta, save_meta)``.
+
+    ``meta["elapsed_s"]`` is the time of every invocation with this fingerprint, summed (a rerun
+    continues the count; another fingerprint starts it at 0); ``save_meta()`` brings it up to this
+    moment and writes ``meta`` (called after every run, so a killed suite keeps its time).
+    """
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    corpus = load_shakespeare() if corpus is None else corpus
+    runs_dir = Path(cfg.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results = Results(runs_dir / "results.jsonl", fingerprint(cfg))
+    meta_path = runs_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("fingerprint") != results.fp:
+        meta = {"fingerprint": results.fp, "elapsed_s": 0.0}
+    prior_elapsed = float(meta.get("elapsed_s", 0.0))
+
+    def save_meta():
+        meta["elapsed_s"] = prior_elapsed + (time.perf_counter() - t_start)
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    return corpus, results, meta, save_meta
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float]:
     vals = [float("inf") if v is None else v for v in values]
@@ -403,24 +433,8 @@ def commit_line() -> str:
 # ------------------------------------------------------------------------------------------ the suite
 def run_suite(cfg: CompareConfig, corpus: Optional[CharCorpus] = None, argv: Sequence[str] = ()) -> Dict[str, Any]:
     """Sweep, main runs, then the report; returns ``{"best_lr", "main", "md"}``."""
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    corpus = load_shakespeare() if corpus is None else corpus
-    runs_dir = Path(cfg.runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    results = Results(runs_dir / "results.jsonl", fingerprint(cfg))
-    meta_path = runs_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("fingerprint") != results.fp:
-        meta = {"fingerprint": results.fp, "elapsed_s": 0.0}
-    prior_elapsed = float(meta.get("elapsed_s", 0.0))
-
-    def save_meta():
-        meta["elapsed_s"] = prior_elapsed + (time.perf_counter() - t_start)
-        meta["argv"] = list(argv)
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-
+    corpus, results, meta, save_meta = open_runs(cfg, corpus)
+    meta["argv"] = list(argv)   # the command of the latest invocation, written with the time
     names = cfg.optimizer_list
     if not cfg.report_only:
         for name in names:                                   # (1) LR sweep
@@ -749,15 +763,19 @@ def discussion(main, stats, wall, best_lr, fastest, n_grid: int = 3) -> List[str
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def parse_command_line(cls, argv: Optional[Sequence[str]] = None) -> Tuple[Any, List[str]]:
+    """The start of a suite's ``main`` (this one, ``experiments.poor_init``): timestamped logging to
+    stderr, then ``(cls parsed from argv, argv as a list)`` (default ``sys.argv[1:]``; the report
+    shows the command). A bad option exits with status 2 before anything runs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(CompareConfig, argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with exit_on_config_error():
+        return parse_config(cls, argv), argv
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    cfg, argv = parse_command_line(CompareConfig, argv)
     return run_suite(cfg, argv=argv)
 
 

@@ -15,18 +15,21 @@ experiment scripts can reuse it for their own configs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 __all__ = ["ConfigError", "TrainConfig", "parse_config", "parse_coefs", "config_help", "config_from_dict",
-           "BUILTIN_OPTIMIZERS", "optimizer_names"]
+           "exit_on_config_error", "parse_and_run", "BUILTIN_OPTIMIZERS", "optimizer_names"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # Optimizer names handled specially by experiments.train; any other name must be a rule of
 # optimizers.RULES (or "rule:<name>" to force the fixed-coefficient RuleOptimizer of a rule).
@@ -274,6 +277,27 @@ def parse_config(cls: Type[T], argv: Sequence[str] = (), base: Optional[T] = Non
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """A ``ConfigError`` raised in the block ends the program as a usage error: ``error: <message>``
+    on stderr and exit status 2, no traceback (how a script's ``main`` treats a bad option; see
+    ``parse_and_run``)."""
+    try:
+        yield
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def parse_and_run(cls: Type[T], run: Callable[[T], R], argv: Optional[Sequence[str]] = None) -> Tuple[T, R]:
+    """``(cfg, run(cfg))`` with ``cfg`` parsed into ``cls`` from ``argv`` (default ``sys.argv[1:]``): the
+    body of a script's ``main``. A ``ConfigError`` from either, a bad option or a value only the run
+    can reject (an unknown model, a checkpoint that does not match), exits with status 2."""
+    with exit_on_config_error():
+        cfg = parse_config(cls, sys.argv[1:] if argv is None else argv)
+        return cfg, run(cfg)
 
 
 def config_from_dict(cls: Type[T], data: Mapping[str, Any]) -> T:

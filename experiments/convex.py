@@ -39,7 +39,6 @@ Writes ``runs/convex/convex.png`` (three panels: average regret, x_t, rho_t) and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -53,6 +52,7 @@ import torch
 
 import hypergrad
 import optimizers
+from experiments.driver import one_thread, parse_with_output_options, save_figure, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +259,7 @@ def plot(records: Dict[str, dict], cfg: ConvexConfig, path: Path) -> None:
     fig.suptitle(f"$f_t(x)={cfg.big:g}x$ if $t$ mod {cfg.period} = 1 else ${cfg.small:g}x$, $x\\in[-1,1]$; "
                  f"step {sched}, $\\alpha$={cfg.alpha:g}, $\\beta$=({cfg.beta1:g}, {cfg.beta2:g}); "
                  f"MADA learns {', '.join(cfg.mada_learn)} from $\\rho_0$={cfg.rho0:g}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -276,27 +273,19 @@ def run(cfg: ConvexConfig = ConvexConfig(), only: Optional[Sequence[str]] = None
         raise ValueError(f"unknown optimizer(s) {unknown}; allowed: {list(factories)}")
     start = time.perf_counter()
     records = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one-element tensors: extra threads only add synchronisation (and contention)
-    try:
+    with one_thread():   # one-element tensors
         for name in names:
             records[name] = run_one(name, cfg, progress=progress)
             r = records[name]
             log.info("%-14s avg regret %.4f  final x %+.4f%s  (%.1f s)", name, r["avg_regret"][-1], r["x_after"],
                      f"  rho {r['rho'][-1]:.4f}" if r["rho"] is not None else "", r["wall_s"])
-    finally:
-        torch.set_num_threads(threads)
     report = {
         "config": asdict(cfg),
         "problem": f"f_t(x) = {cfg.big:g} x if t mod {cfg.period} == 1 else {cfg.small:g} x, x in [-1, 1], x* = -1",
         "total_wall_s": time.perf_counter() - start,
         "results": {name: summarize(r, cfg) for name, r in records.items()},
     }
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot(records, cfg, out / "convex.png")
-        (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_outputs(out, "convex.png", lambda path: plot(records, cfg, path), report)
     report["records"] = records     # full-resolution arrays, for callers (not written to JSON)
     return report
 
@@ -317,9 +306,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="comma-separated MADA coefficients to learn (default: rho)")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated run names: adam,amsgrad,avgrad,mada_hlr<lr> (e.g. mada_hlr0.01)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return parse_with_output_options(p, argv, DEFAULT_OUT)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from experiments import plots
-from experiments.config import ConfigError, TrainConfig, parse_config
+from experiments.config import TrainConfig, parse_and_run
 from experiments.data import load_shakespeare
 from experiments.train import git_commit, run as train_run
 
@@ -116,12 +116,7 @@ def run(d: DemoConfig) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        d = parse_config(DemoConfig, sys.argv[1:] if argv is None else argv)
-        report = run(d)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    d, report = parse_and_run(DemoConfig, run, argv)
     runs = list(report["runs"].values())
     first = runs[0]
     print(f"\nChar-level Shakespeare, {d.model} GPT ({first['n_params'] / 1e6:.2f}M params), {d.max_iters} iters of "

@@ -19,23 +19,18 @@ once; a rerun skips them. Writes ``docs/poor_init.md`` and ``docs/images/poor_in
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
-from experiments.compare import (LABELS, Results, _train_config, commit_line, fingerprint, machine_info,
-                                 train_one, versions_line)
-from experiments.config import ConfigError, parse_config
-from experiments.data import CharCorpus, load_shakespeare
+from experiments.compare import (LABELS, Results, _train_config, commit_line, get_or_run, machine_info, open_runs,
+                                 parse_command_line, versions_line)
+from experiments.config import ConfigError
+from experiments.data import CharCorpus
 from experiments.train import model_config
 
 __all__ = ["PoorInitConfig", "run_grid", "main"]
@@ -115,41 +110,16 @@ def _phase(b1: float, b2: float) -> str:
 
 
 def run_grid(cfg: PoorInitConfig, corpus: Optional[CharCorpus] = None, argv: Sequence[str] = ()) -> str:
-    t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    corpus = load_shakespeare() if corpus is None else corpus
-    runs_dir = Path(cfg.runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    results = Results(runs_dir / "results.jsonl", fingerprint(cfg))
-    meta_path = runs_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("fingerprint") != results.fp:
-        meta = {"fingerprint": results.fp, "elapsed_s": 0.0}
-    prior = float(meta["elapsed_s"])
-
-    def save_meta():
-        meta["elapsed_s"] = prior + time.perf_counter() - t0
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-
+    corpus, results, meta, save_meta = open_runs(cfg, corpus)
     if not cfg.report_only:
         for seed in cfg.seed_list:
             for b1 in cfg.b1_list:
                 for b2 in cfg.b2_list:
                     cell = dataclasses.replace(cfg, beta1=b1, beta2=b2)
                     for name in cfg.optimizer_list:
-                        phase = _phase(b1, b2)
-                        if results.get(phase, name, cfg.lr, seed, cfg.max_iters) is not None:
-                            continue
-                        t = time.perf_counter()
-                        row = {"phase": phase, "beta1_init": b1, "beta2_init": b2,
-                               **train_one(name, cfg.lr, seed, cfg.max_iters, cell, corpus)}
-                        row["wall_s"] = time.perf_counter() - t
-                        results.add(row)
+                        get_or_run(results, _phase(b1, b2), name, cfg.lr, seed, cfg.max_iters, cell, corpus,
+                                   beta1_init=b1, beta2_init=b2)
                         save_meta()
-                        log.info("%s %-9s seed=%d: final train %.4f val %.4f (%.0f s)", phase, name, seed,
-                                 row["final_train_loss"] or float("nan"), row["final_val_loss"] or float("nan"),
-                                 row["wall_s"])
     save_meta()
     return write_report(cfg, results, meta["elapsed_s"], argv, corpus)
 
@@ -314,14 +284,7 @@ def write_report(cfg: PoorInitConfig, results: Results, elapsed_s: float, argv: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(PoorInitConfig, argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg, argv = parse_command_line(PoorInitConfig, argv)
     text = run_grid(cfg, argv=argv)
     log.info("wrote %s", cfg.out)
     return text

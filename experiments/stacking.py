@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import math
 import sys
@@ -55,6 +54,7 @@ from torch import Tensor, nn
 
 import hypergrad
 import optimizers
+from experiments.driver import one_thread, parse_with_output_options, save_figure, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +223,7 @@ def plot(runs: List[dict], summary: Dict[str, dict], cfg: StackingConfig, path: 
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -239,12 +236,8 @@ def run(cfg: StackingConfig = StackingConfig(), out: Optional[Path] = DEFAULT_OU
         from tqdm import tqdm
         grid = tqdm(grid, desc="stacking", file=sys.stderr)
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny tensors: extra threads only add synchronisation (and contention)
-    try:
+    with one_thread():   # tiny tensors
         runs = [run_one(data, depth, lr0, seed, cfg) for seed, depth, lr0 in grid]
-    finally:
-        torch.set_num_threads(threads)
     summary = aggregate(runs, cfg)
     for depth in cfg.depths:
         s = summary[str(depth)]
@@ -252,11 +245,7 @@ def run(cfg: StackingConfig = StackingConfig(), out: Optional[Path] = DEFAULT_OU
                  " ".join(f"{v:.3f}" for v in s["median_test_loss"]), s["spread"])
     report = {"config": asdict(cfg), "n_train": len(data.y_train), "n_test": len(data.y_test),
               "total_wall_s": time.perf_counter() - start, "summary": summary, "runs": runs}
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        plot(runs, summary, cfg, out / "stacking.png")
-        (out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_outputs(out, "stacking.png", lambda path: plot(runs, summary, cfg, path), report)
     return report
 
 
@@ -277,9 +266,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hyper-lrs", type=_floats, default=d.hyper_lrs, help="kappa_1,kappa_2,kappa_3")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return parse_with_output_options(p, argv, DEFAULT_OUT)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from experiments.config import ConfigError, TrainConfig, config_from_dict, parse_config
+from experiments.config import ConfigError, TrainConfig, config_from_dict, parse_and_run
 from experiments.data import load_shakespeare
 from experiments.demo import DemoConfig, train_config
 from experiments.train import git_commit, package_versions, run as train_run
@@ -191,12 +191,7 @@ def read_best_lr(path=DEFAULT_DOC) -> Dict[str, float]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        s = parse_config(SweepConfig, args)
-        report = run(s)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    s, report = parse_and_run(SweepConfig, run, args)
     command = " ".join([".venv/bin/python -m experiments.sweep_lr", *args])
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)

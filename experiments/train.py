@@ -69,8 +69,8 @@ from torch import Tensor
 
 import hypergrad
 import optimizers
-from experiments.config import (ConfigError, TrainConfig, config_from_dict, optimizer_names, parse_coefs,
-                                parse_config)
+from experiments.config import (ConfigError, TrainConfig, config_from_dict, optimizer_names, parse_and_run,
+                                parse_coefs)
 from experiments.data import TRAIN_FRACTION, CharCorpus, load_shakespeare
 from experiments.model import CONFIGS, GPT, GPTConfig, count_parameters, param_groups
 
@@ -479,12 +479,7 @@ def _run(cfg: TrainConfig, corpus: Optional[CharCorpus]) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-        summary = run(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg, summary = parse_and_run(TrainConfig, run, argv)
     keys = ("final_train_loss", "final_val_loss", "best_train_loss", "best_val_loss", "wall_s", "ms_per_step")
     print(json.dumps({k: summary[k] for k in ("optimizer", "lr", "iters_done", *keys, "coefficients")}, indent=2))
     return summary

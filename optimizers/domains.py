@@ -44,6 +44,18 @@ def _as_float_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
 
 
+def _real_scalar(value) -> float | None:
+    """``value`` as a Python float when it is one real number (a one-element tensor or a real that is
+    not a bool), else None: what a scalar domain's ``contains`` can accept at all."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = float(value.detach())
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return None
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Interval(Domain):
     """The interval ``[low, high]``, or ``[low, high)`` with ``open_high=True`` (``high`` may be inf).
@@ -67,13 +79,9 @@ class Interval(Domain):
             raise ValueError(f"Interval [low, high) is empty: low={self.low!r} must be below high={self.high!r}")
 
     def contains(self, value) -> bool:
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                return False
-            value = float(value.detach())
-        if isinstance(value, bool) or not isinstance(value, Real):
+        value = _real_scalar(value)
+        if value is None:
             return False
-        value = float(value)
         if self.open_high:
             return self.low <= value < self.high
         return self.low <= value <= self.high
@@ -127,13 +135,8 @@ class Positive(Domain):
             raise ValueError(f"Positive floor must be finite and > 0, got {self.floor!r}")
 
     def contains(self, value) -> bool:
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                return False
-            value = float(value.detach())
-        if isinstance(value, bool) or not isinstance(value, Real):
-            return False
-        return 0.0 < float(value) < math.inf
+        value = _real_scalar(value)
+        return value is not None and 0.0 < value < math.inf
 
     def project(self, value):
         if isinstance(value, torch.Tensor):  # a floor below the dtype's range would round to 0

@@ -34,18 +34,29 @@ def loss_fn(model, batch):
 
 def train(model, opt, batch, steps=20):
     """``steps`` optimizer steps on the fixed batch; returns the losses seen before each step."""
+    return train_on(model, opt, [batch] * steps)
+
+
+def train_on(model, opt, batches, loss=loss_fn, set_to_none=True):
+    """One optimizer step per batch of ``batches`` under ``loss(model, batch)``; returns the losses seen
+    before each step. (Also the loop of test modules with their own problem, e.g. test_conformance.)"""
     losses = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
+    for batch in batches:
+        opt.zero_grad(set_to_none=set_to_none)
+        value = loss(model, batch)
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     return losses
 
 
+def flat(params):
+    """The parameters as one float64 vector."""
+    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+
+
 def flat_params(model):
-    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in model.parameters()])
+    return flat(model.parameters())
 
 
 def max_diff(model_a, model_b):

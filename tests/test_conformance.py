@@ -22,6 +22,7 @@ from torch import nn
 
 import hypergrad as H
 import optimizers as O
+from conftest import flat, train_on   # the shared training loop and parameter vector (tests/conftest.py)
 
 # ----------------------------------------------------------------------------- the table
 RULE_LR = {"sgd": 0.05, "sgd_nesterov": 0.05, "lion": 3e-3}
@@ -127,18 +128,7 @@ def loss_of(model, batch):
 
 
 def train(model, opt, data, set_to_none=True):
-    losses = []
-    for batch in data:
-        opt.zero_grad(set_to_none=set_to_none)
-        loss = loss_of(model, batch)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def flat(params):
-    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+    return train_on(model, opt, data, loss=loss_of, set_to_none=set_to_none)
 
 
 def hyper_view(opt):

@@ -11,6 +11,7 @@ import torch
 
 from experiments import convex, stacking
 from experiments.convex import ConvexConfig, coefficient, run_one
+from experiments.driver import one_thread
 from experiments.stacking import StackingConfig, load_digits_split, make_optimizer
 
 import hypergrad
@@ -30,12 +31,8 @@ def test_problem_and_optimum():
 def convex_runs():
     """2000 steps (~20 periods) of each baseline; alpha_t = 1/sqrt(t), betas (0.9, 0.99)."""
     cfg = ConvexConfig(steps=2000, hyper_lrs=())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # one-element tensors: threads only add overhead
-    try:
+    with one_thread():   # one-element tensors: threads only add overhead
         return cfg, {name: run_one(name, cfg) for name in ("adam", "amsgrad", "avgrad")}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_amsgrad_and_avgrad_approach_minus_one_adam_does_not(convex_runs):

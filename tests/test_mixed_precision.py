@@ -154,6 +154,28 @@ def _bf16_pair(seed=0):
     return list(model.parameters()), list(twin.parameters())
 
 
+def _step_with_rounded_reference(opt, ref, params, ref_params, step):
+    """One step of ``opt`` on the bf16 ``params`` and of the float32 reference ``ref`` on its twins, from
+    the same bf16 gradient (upcast for the reference); then the reference's parameters are rounded to
+    bf16, as a float32 computation whose parameter is rounded once per step."""
+    for p, q, g in zip(params, ref_params, _grad_at(params, step)):
+        p.grad, q.grad = g, g.float()
+    opt.step()
+    ref.step()
+    with torch.no_grad():
+        for q in ref_params:
+            q.copy_(q.to(torch.bfloat16).float())
+
+
+def _assert_equal_to_reference(opt, ref, params, ref_params, where):
+    """bf16 parameters equal to the (rounded) reference's, float32 buffers equal to its buffers, bit for bit."""
+    for p, q in zip(params, ref_params):
+        assert p.dtype == torch.bfloat16 and torch.equal(p.float(), q), where
+        for key, buf in opt.state[p].items():
+            if torch.is_tensor(buf) and key != "step":
+                assert buf.dtype == torch.float32 and torch.equal(buf, ref.state[q][key]), (*where, key)
+
+
 @pytest.mark.parametrize("rule, kw", STATE_RULES, ids=[r for r, _ in STATE_RULES])
 def test_state_dtype_float32_equals_float32_computation_rounded_to_bf16(rule, kw):
     """Oracle: float32 buffers, gradient upcast, update in float32, parameter rounded once to bf16; the
@@ -163,20 +185,8 @@ def test_state_dtype_float32_equals_float32_computation_rounded_to_bf16(rule, kw
     opt = O.build_optimizer(rule, params, lr=1e-2, weight_decay=0.1, state_dtype=torch.float32, **kw)
     ref = O.build_optimizer(rule, ref_params, lr=1e-2, weight_decay=0.1, **kw)
     for step in range(5):
-        grads = _grad_at(params, step)
-        for p, q, g in zip(params, ref_params, grads):
-            p.grad, q.grad = g, g.float()
-        opt.step()
-        ref.step()
-        with torch.no_grad():
-            for q in ref_params:
-                q.copy_(q.to(torch.bfloat16).float())  # the reference's parameter, rounded to bf16
-        for p, q in zip(params, ref_params):
-            assert p.dtype == torch.bfloat16 and torch.equal(p.float(), q), (rule, step)
-            for key, buf in opt.state[p].items():
-                if torch.is_tensor(buf) and key != "step":
-                    assert buf.dtype == torch.float32, key
-                    assert torch.equal(buf, ref.state[q][key]), (rule, step, key)
+        _step_with_rounded_reference(opt, ref, params, ref_params, step)
+        _assert_equal_to_reference(opt, ref, params, ref_params, (rule, step))
     # and it is not the bf16-buffer run (the option changes the numbers)
     plain_params, _ = _bf16_pair()
     plain = O.build_optimizer(rule, plain_params, lr=1e-2, weight_decay=0.1, **kw)
@@ -195,24 +205,13 @@ def test_state_dtype_hyper_optimizer_equals_float32_computation():
     opt = H.MADA(params, state_dtype=torch.float32, **kw)
     ref = H.MADA(ref_params, **kw)
     for step in range(6):
-        grads = _grad_at(params, step)
-        for p, q, g in zip(params, ref_params, grads):
-            p.grad, q.grad = g, g.float()
-        opt.step()
-        ref.step()
-        with torch.no_grad():
-            for q in ref_params:
-                q.copy_(q.to(torch.bfloat16).float())
+        _step_with_rounded_reference(opt, ref, params, ref_params, step)
         assert opt._records0[0]["g"].dtype == torch.float32
         for k, v in ref.coefficients().items():
             assert torch.equal(opt.coefficients()[k], v), (step, k)
         for k, v in ref.hypergradients().items():
             assert torch.equal(opt.hypergradients()[k], v), (step, k)
-        for p, q in zip(params, ref_params):
-            assert torch.equal(p.float(), q), step
-            for key, buf in opt.state[p].items():
-                if torch.is_tensor(buf) and key != "step":
-                    assert buf.dtype == torch.float32 and torch.equal(buf, ref.state[q][key]), key
+        _assert_equal_to_reference(opt, ref, params, ref_params, (step,))
     assert any((opt.coefficients()[k] != v) for k, v in dict(beta1=0.9, beta2=0.95).items())
 
 
