@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from optimizers import Family, NonNegative, get_rule
-from optimizers.adapter import displacement
+from optimizers.adapter import displacement, expand_betas
 from optimizers.domains import Coefficient, Interval, Positive
 
 __all__ = ["Level", "CoefficientLayout", "LR_COEFFICIENT", "level_update"]
@@ -51,13 +51,7 @@ class Level:
         family = get_rule(rule) if isinstance(rule, str) else rule
         if not isinstance(family, Family):
             raise TypeError(f"Level rule must be a rule name or a Family, got {type(rule).__name__}")
-        if "betas" in coefficients:
-            betas = coefficients.pop("betas")
-            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                raise ValueError(f"Level betas must be a pair (beta1, beta2), got {betas!r}")
-            b1, b2 = betas
-            coefficients.setdefault("beta1", b1)
-            coefficients.setdefault("beta2", b2)
+        coefficients = expand_betas(coefficients, "Level betas")
         unknown = set(coefficients) - set(family.coefficients)
         if unknown:
             raise ValueError(f"unknown argument(s) {sorted(unknown)} for hyper-level rule {family.name!r}; "

@@ -75,6 +75,19 @@ class _Bucket:
         return dtensor.locals_of(self.params), [dtensor.local(p.grad) for p in self.params]
 
 
+def expand_betas(values: Mapping[str, object], where: str) -> Dict[str, object]:
+    """``values`` with torch's ``betas=(beta1, beta2)`` spelled as ``beta1``/``beta2`` (an explicit
+    ``beta1``/``beta2`` wins); ``where`` names the argument in the error for a malformed pair."""
+    values = dict(values)
+    if "betas" in values:
+        betas = values.pop("betas")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where} must be a pair (beta1, beta2), got {betas!r}")
+        values.setdefault("beta1", betas[0])
+        values.setdefault("beta2", betas[1])
+    return values
+
+
 def _check_number(name: str, value, low: float = 0.0, allow_tensor: bool = True):
     if isinstance(value, Tensor) and allow_tensor:
         if value.numel() != 1 or not value.is_floating_point():
@@ -127,15 +140,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.state_dtype = state_dtype
         self._kernels: Dict[str, FusedKernel] = {}
         self._has_dtensor = False  # any DTensor parameter (FSDP2): checked per step, updated by shard
-        if "betas" in coefficients:
-            betas = coefficients.pop("betas")
-            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-            if "beta1" not in family.coefficients or "beta2" not in family.coefficients:
-                raise ValueError(f"betas given but family {family.name!r} has no beta1/beta2; "
-                                 f"coefficients: {sorted(family.coefficients)}")
-            coefficients.setdefault("beta1", betas[0])
-            coefficients.setdefault("beta2", betas[1])
+        if "betas" in coefficients and ("beta1" not in family.coefficients or "beta2" not in family.coefficients):
+            raise ValueError(f"betas given but family {family.name!r} has no beta1/beta2; "
+                             f"coefficients: {sorted(family.coefficients)}")
+        coefficients = expand_betas(coefficients, "betas")
         unknown = set(coefficients) - set(family.coefficients)
         if unknown:
             raise ValueError(f"unknown argument(s) {sorted(unknown)} for family {family.name!r}; "
@@ -181,14 +189,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                                           "initial_lr", *self.family.coefficients}
             if unknown:
                 raise ValueError(f"unknown param-group key(s) {sorted(unknown)} for family {self.family.name!r}")
-            if "betas" in param_group:
-                param_group = dict(param_group)
-                betas = param_group.pop("betas")
-                if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                    raise ValueError(f"betas in a param group must be a pair (beta1, beta2), got {betas!r}")
-                b1, b2 = betas
-                param_group.setdefault("beta1", b1)
-                param_group.setdefault("beta2", b2)
+            param_group = expand_betas(param_group, "betas in a param group")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for i, p in enumerate(group["params"]):
