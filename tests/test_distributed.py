@@ -170,6 +170,7 @@ def _ddp_worker(rank, port, outdir):
             torch.save({"coefficients": coefs, "hypergradients": hgs,
                         "params": [p.detach().clone() for p in model.module.parameters()]},
                        os.path.join(outdir, f"ddp_{dtype_name}_acc{accumulate}_{tower}_rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

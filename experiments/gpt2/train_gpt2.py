@@ -316,7 +316,10 @@ def train(cfg: GPT2Config) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     d = setup_distributed(cfg)
     try:
-        return _train(cfg, d)
+        summary = _train(cfg, d)
+        if d.enabled:  # no rank tears the group down while another still talks to it (gloo aborts on exit)
+            dist.barrier()
+        return summary
     finally:
         if d.enabled:
             dist.destroy_process_group()
