@@ -80,6 +80,9 @@ class TrainConfig:
     hyper_lr: float = field(default=1e-3, metadata=_help("learning rate of the hyper-level Adam (mada, hyperadam)"))
     hyper_warmup: int = field(default=0, metadata=_help("steps before hyper-learning starts (mada, hyperadam)"))
     clip_hypergrad: Optional[float] = field(default=None, metadata=_help("clamp each hypergradient entry"))
+    fused: bool = field(default=False, metadata=_help(
+        "compiled fused kernels: torch AdamW(fused=True), fused=True for mada/hyperadam and the rules (the first "
+        "step compiles)"))
     # ---- run length, evaluation, logging
     max_iters: int = field(default=1000, metadata=_help("optimizer steps"))
     eval_interval: int = field(default=100, metadata=_help("evaluate train and val loss every this many iters"))

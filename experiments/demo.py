@@ -63,13 +63,15 @@ class DemoConfig:
     model: str = field(default="demo", metadata={"help": "GPT config of experiments.model.CONFIGS"})
     out_dir: str = field(default="runs/demo", metadata={"help": "output folder"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars on stderr"})
+    fused: bool = field(default=True, metadata={"help": "compiled fused optimizer steps (torch AdamW(fused=True), "
+                                                        "MADA(fused=True)); the first MADA step compiles"})
 
 
 def train_config(d: DemoConfig, optimizer: str, lr: float, **overrides) -> TrainConfig:
     """The ``TrainConfig`` of one demo run (shared by ``experiments.sweep_lr``)."""
     return TrainConfig(model=d.model, optimizer=optimizer, lr=lr, max_iters=d.max_iters, batch_size=d.batch_size,
                        warmup_iters=min(d.warmup_iters, d.max_iters), eval_interval=d.eval_interval,
-                       log_interval=d.log_interval, seed=d.seed, progress=d.progress,
+                       log_interval=d.log_interval, seed=d.seed, progress=d.progress, fused=d.fused,
                        out_dir=str(Path(d.out_dir) / optimizer), **overrides)
 
 

@@ -116,13 +116,13 @@ def make_optimizer(cfg: TrainConfig, groups: List[dict]) -> torch.optim.Optimize
         if coefs:
             raise ConfigError(f"coefs={cfg.coefs!r}: torch.optim.AdamW takes only eps here, not {sorted(coefs)}")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                                 **extra)
+                                 fused=cfg.fused or None, **extra)
     if name in ("mada", "hyperadam"):
         cls = hypergrad.MADA if name == "mada" else hypergrad.HyperAdam
         try:
             return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        tower=hypergrad.Level("adam", lr=cfg.hyper_lr), warmup=cfg.hyper_warmup,
-                       clip_hypergrad=cfg.clip_hypergrad, **{**betas, **coefs})
+                       clip_hypergrad=cfg.clip_hypergrad, fused=cfg.fused, **{**betas, **coefs})
         except ValueError as err:
             raise ConfigError(f"optimizer={name!r}, coefs={cfg.coefs!r}: {err}") from None
     rule = name[len("rule:"):] if name.startswith("rule:") else name
@@ -130,7 +130,8 @@ def make_optimizer(cfg: TrainConfig, groups: List[dict]) -> torch.optim.Optimize
         raise ConfigError(f"optimizer={name!r}: unknown; allowed: {', '.join(optimizer_names())}")
     kwargs = {**(betas if rule in ADAM_CONVENTION else {}), **coefs}
     try:
-        return optimizers.build_optimizer(rule, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+        return optimizers.build_optimizer(rule, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused,
+                                          **kwargs)
     except ValueError as err:
         raise ConfigError(f"optimizer={name!r}, coefs={cfg.coefs!r}: {err}") from None
 
