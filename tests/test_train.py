@@ -224,10 +224,13 @@ class _Crashing:
         return self._corpus.get_batch(split, batch_size, *args)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "mada"])
-def test_resume_after_a_crash_is_exact(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,fused", [("adamw", False), ("mada", False), ("adamw", True), ("mada", True)])
+def test_resume_after_a_crash_is_exact(tmp_path, optimizer, fused):
+    """Float32, bit for bit; with ``fused`` MADA's checkpoint holds buffers kept at the state before
+    the last update (the fused path's layout) and must resume exactly all the same."""
     from experiments.data import load_shakespeare
-    kw = dict(optimizer=optimizer, max_iters=8, eval_interval=4, eval_batch_size=3)   # eval batches: not counted
+    kw = dict(optimizer=optimizer, max_iters=8, eval_interval=4, eval_batch_size=3,   # eval batches: not counted
+              fused=fused)
     straight = train.run(tiny(tmp_path, "straight", **kw))
     cfg = tiny(tmp_path, "crashed", checkpoint_interval=3, **kw)
     with pytest.raises(KeyboardInterrupt):
