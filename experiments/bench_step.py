@@ -176,8 +176,7 @@ register("mada", _rule_factory("mada", {}), info=CandidateInfo("rule", "mada"))
 # The same rules through the fused path (one compiled in-place kernel per tensor; compiles during
 # warm-up). NAdam's scalar buffer keeps it on the flat path.
 for _name, _kwargs in {**RULE_KWARGS, "mada": {}}.items():
-    if optimizers.supports_fused(family(_name)):
-        register(f"{_name}_fused", _rule_factory(_name, _kwargs, fused=True), info=CandidateInfo("rule_fused", _name))
+    register(f"{_name}_fused", _rule_factory(_name, _kwargs, fused=True), info=CandidateInfo("rule_fused", _name))
 
 TOWER2 = lambda: [hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5)]  # noqa: E731
 TOWER3 = lambda: [hypergrad.Level("adam", lr=1e-3, learn=["lr"]), hypergrad.Level("sgd", lr=1e-5, learn=["lr"]),  # noqa: E731
@@ -1259,7 +1258,7 @@ def write_doc(report: dict, path: Path) -> str:
             alias = _grad_alias_states(fam)
             decoupled = fam.weight_decay_mode != "l2"
             eager = 2 * S + 2 - (alias if decoupled else 0)
-            fused = f"{S + 2}" if optimizers.supports_fused(fam) and not fam.uses_param else "n/a"
+            fused = f"{S + 2}" if not any(s.scalar for s in fam.states) and not fam.uses_param else "n/a"
             w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
         w("")
 

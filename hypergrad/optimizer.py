@@ -148,6 +148,10 @@ class HyperOptimizer(RuleOptimizer):
                 raise ValueError("fused=True runs the functional backend; backend='graph' needs fused=False")
             if fam.uses_param:
                 raise ValueError(f"fused=True: family {fam.name!r} reads the parameter; use fused=False")
+            if any(st.scalar for st in fam.states):
+                raise ValueError(f"fused=True: family {fam.name!r} has scalar buffers "
+                                 f"{[st.name for st in fam.states if st.scalar]}, which the fused hyper-learning "
+                                 f"kernels do not support; use fused=False")
         self.learn = tuple(dict.fromkeys(learn))
         self._reduce_group, self._reduce_sharded = None, False
         self._check_params([p for g in self.param_groups for p in g["params"]])

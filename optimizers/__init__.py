@@ -13,7 +13,7 @@ from .expr import (Coef, Const, Expr, State, absolute, bias_correction, ema, fir
 from .family import WEIGHT_DECAY_MODES, Family
 from .rules import (MADA_VERTICES, RULES, adam, adamw, adan, adan_original, amsgrad, avgrad, ema_state, get_rule,
                     lion, mada, nadam, sgd, yogi, adaptive_direction)
-from .fused import FusedKernel, supports_fused
+from .fused import FusedKernel
 from .adapter import RuleOptimizer, apply_update, build_optimizer, displacement, flatten, needs_param, unflatten_like
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "Family", "WEIGHT_DECAY_MODES",
     "MADA_VERTICES", "RULES", "adam", "adamw", "adan", "adan_original", "amsgrad", "avgrad", "ema_state", "get_rule",
     "lion", "mada", "nadam", "sgd", "yogi", "adaptive_direction",
-    "FusedKernel", "supports_fused", "RuleOptimizer", "build_optimizer", "apply_update", "displacement", "flatten", "needs_param", "unflatten_like",
+    "FusedKernel", "RuleOptimizer", "build_optimizer", "apply_update", "displacement", "flatten", "needs_param", "unflatten_like",
 ]

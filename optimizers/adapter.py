@@ -35,7 +35,7 @@ from torch import Tensor
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
-from .fused import FusedKernel, supports_fused
+from .fused import FusedKernel
 from .rules import get_rule
 
 __all__ = ["RuleOptimizer", "build_optimizer", "apply_update", "displacement", "needs_param", "flatten",
@@ -132,9 +132,6 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.family = family
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
-        if fused and not supports_fused(family):
-            raise ValueError(f"fused=True: family {family.name!r} has scalar buffers "
-                             f"{[s.name for s in family.states if s.scalar]}, which the fused path does not support")
         self.fused = fused
         check_state_dtype(state_dtype)
         self.state_dtype = state_dtype

@@ -284,7 +284,7 @@ class Family:
         Bias corrections ``1 - beta^t`` and the like depend on coefficients and the step only. A
         fused kernel that took them as expressions would recompute a ``pow`` per element; computed
         here once per step, they enter the kernel as inputs (``update(..., precomputed=...)``).
-        Families with scalar buffers are not split (their scalars depend on the state).
+        Subexpressions that read a buffer (even a scalar one) are not included.
         """
         frontier = self._scalar_frontier()
         if not frontier:
@@ -310,13 +310,14 @@ class Family:
 
     def _scalar_frontier(self):
         if self._frontier is None:
+            # Buffers (parameter-shaped or scalar, like NAdam's running product) are never part of
+            # it: what reads a buffer is evaluated with the buffers, inside the update.
             scalar = set()
-            if not any(s.scalar for s in self._reachable_states):
-                for node, _ in self._schedule():
-                    if isinstance(node, (E.Const, E.Coef)) or (isinstance(node, E.Input) and node.kind == "step"):
-                        scalar.add(node.uid)
-                    elif isinstance(node, E.Op) and all(a.uid in scalar for a in node.args):
-                        scalar.add(node.uid)
+            for node, _ in self._schedule():
+                if isinstance(node, (E.Const, E.Coef)) or (isinstance(node, E.Input) and node.kind == "step"):
+                    scalar.add(node.uid)
+                elif isinstance(node, E.Op) and all(a.uid in scalar for a in node.args):
+                    scalar.add(node.uid)
             frontier = set()
             reads: Dict[int, frozenset] = {}  # scalar node -> the coefficients it reads
             for node, _ in self._schedule():

@@ -26,30 +26,28 @@ from .compiled import TensorKernel, cat_flat, segments
 from .functional import displacement
 from .family import Family
 
-__all__ = ["FusedKernel", "supports_fused"]
+__all__ = ["FusedKernel"]
 
 log = logging.getLogger(__name__)
 
 
-def supports_fused(family: Family) -> bool:
-    """Scalar buffers (NAdam's running product) are shared by a bucket and cannot be updated per tensor."""
-    return not any(s.scalar for s in family.states)
-
-
-def _kernel(family, mode, names, x, g, states, h, t, precomputed):
+def _kernel(family, mode, names, x, g, states, h, t, precomputed, written):
+    """The rule in place on one tensor. ``states`` are the buffers by ``names``; only the first
+    ``written`` (the parameter-shaped ones) are written: a scalar buffer (NAdam's running product)
+    is shared by the bucket, read here at its value before the step, and advanced once per bucket."""
     state = dict(zip(names, states))
     delta, new_state = displacement(family, g, state, x, h, t, mode, precomputed)
-    for name in names:
+    for name in names[:written]:
         state[name].copy_(new_state[name])
     x.add_(delta)
 
 
-def _kernel_wide(family, mode, names, x, g, states, h, t, precomputed, dtype):
+def _kernel_wide(family, mode, names, x, g, states, h, t, precomputed, written, dtype):
     """``_kernel`` computing in ``dtype`` (the buffers'), for parameters of a narrower dtype."""
     state = dict(zip(names, states))
     xw = x.to(dtype)
     delta, new_state = displacement(family, g.to(dtype), state, xw, h, t, mode, precomputed)
-    for name in names:
+    for name in names[:written]:
         state[name].copy_(new_state[name])
     x.copy_(xw + delta)  # one rounding, to the parameter's dtype
 
@@ -64,12 +62,12 @@ class FusedKernel:
     """
 
     def __init__(self, family: Family, weight_decay_mode: str):
-        if not supports_fused(family):
-            raise ValueError(f"family {family.name!r} has scalar buffers {[s.name for s in family.states if s.scalar]}; "
-                             f"the fused path updates tensors one at a time and does not support them (use fused=False)")
         self.family = family
         self.mode = weight_decay_mode
-        self.names = family.state_names
+        # parameter-shaped buffers first, then the scalar ones (read-only inside the kernels)
+        self.tensor_names = tuple(s.name for s in family.states if not s.scalar)
+        self.scalar_names = tuple(s.name for s in family.states if s.scalar)
+        self.names = self.tensor_names + self.scalar_names
         self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"fused_{family.name}_{weight_decay_mode}")
         self._kernels: Dict[tuple, TensorKernel] = {}
 
@@ -80,13 +78,14 @@ class FusedKernel:
         kern = self._kernels.get(key)
         if kern is None:
             family, mode, names, S, H = self.family, self.mode, self.names, len(self.names), len(h_names)
+            written = len(self.tensor_names)
 
             def kernel(x, g, *rest):
                 states, h, t, pre = list(rest[:S]), dict(zip(h_names, rest[S:S + H])), rest[S + H], rest[S + H + 1:]
                 if wide is None:
-                    _kernel(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)))
+                    _kernel(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)), written)
                 else:
-                    _kernel_wide(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)), wide)
+                    _kernel_wide(family, mode, names, x, g, states, h, t, dict(zip(pre_ids, pre)), written, wide)
 
             kern = self._kernels[key] = TensorKernel(kernel, self._tag + ("" if wide is None else "_wide"))
         return kern
@@ -101,9 +100,10 @@ class FusedKernel:
         t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
         # scalar subexpressions (bias corrections...) once per step, not once per element
         pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
-        bufs = [flat[n] for n in self.names]
+        bufs = [flat[n] for n in self.tensor_names]
         kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
-        args = (*scalars.values(), t, *pre.values())
+        before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
+        args = (*before, *scalars.values(), t, *pre.values())
         for off, n, idxs in segments(params):
             sl = slice(off, off + n)
             p, g = params[idxs[0]], grads[idxs[0]]
@@ -116,6 +116,16 @@ class FusedKernel:
                 kern(p.view(-1), g.view(-1), *[b[sl] for b in bufs], *args)
             else:  # a strided parameter: the kernel on the tensor's own shape
                 kern(p, g.contiguous(), *[b[sl].view(p.shape) for b in bufs], *args)
+        if self.scalar_names:  # advanced once per bucket (they do not depend on the elements)
+            # A one-element stand-in for the parameter-shaped buffers: the scalar ones depend on
+            # coefficients, the step and themselves only.
+            one = {s.name: torch.full((1,), s.init, dtype=before[0].dtype, device=ref.device)
+                   for s in self.family.states if not s.scalar}
+            zero = torch.zeros(1, dtype=before[0].dtype, device=ref.device)
+            _, new = displacement(self.family, zero, {**one, **dict(zip(self.scalar_names, before))}, zero, scalars, t,
+                                  self.mode, pre)
+            for n in self.scalar_names:
+                flat[n].copy_(new[n])
 
 
 def _scalar(value, ref: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from torch import nn
 
 import optimizers as O
 
-FUSABLE = [n for n in O.RULES if O.supports_fused(O.get_rule(n))]
+FUSABLE = list(O.RULES)  # every rule, NAdam's scalar buffer included
 
 
 def _model(seed=0):
@@ -65,9 +65,13 @@ def test_fused_handles_lr_schedule_without_recompiling():
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_fused_rejects_scalar_buffers():
-    with pytest.raises(ValueError, match="fused"):
-        O.build_optimizer("nadam", [nn.Parameter(torch.zeros(3))], fused=True)
+def test_fused_hyper_learning_rejects_scalar_buffers():
+    """NAdam's scalar buffer is advanced once per bucket on the fused rule path; the fused
+    hyper-learning kernels do not support it (yet) and say so."""
+    import hypergrad as H
+
+    with pytest.raises(ValueError, match="scalar buffers"):
+        H.HyperOptimizer([nn.Parameter(torch.zeros(3))], "nadam", fused=True, learn=["beta1"])
 
 
 def test_fused_hyper_learning_equals_the_functional_engine():
