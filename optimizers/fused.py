@@ -13,6 +13,10 @@ every parameter tensor of a dtype.
 Buffers of another dtype than the parameter (``state_dtype``: float32 buffers for bfloat16 parameters)
 run a second kernel, traced on first use, that upcasts the parameter and the gradient, computes the
 update in the buffers' dtype and writes ``x + delta`` rounded once to the parameter's dtype.
+
+A scalar buffer (NAdam's running product of momentum factors) is shared by every tensor of a
+bucket: each kernel reads it at its value before the step, and it is advanced once per bucket
+after them.
 """
 from __future__ import annotations
 
