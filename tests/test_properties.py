@@ -398,7 +398,7 @@ BAD_CALLS = [
     # RuleOptimizer(params, family, lr, weight_decay, weight_decay_mode, fused, **coefficients)
     ("RuleOptimizer-family-int", lambda: O.RuleOptimizer(_p(), 5), r"\bfamily\b"),
     ("RuleOptimizer-fused-str", lambda: O.RuleOptimizer(_p(), "adam", fused="yes"), r"\bfused\b"),
-    ("RuleOptimizer-fused-nadam", lambda: O.RuleOptimizer(_p(), "nadam", fused=True), r"\bfused\b"),
+    ("HyperOptimizer-fused-nadam", lambda: H.HyperOptimizer(_p(), "nadam", fused=True, learn=["beta1"]), r"\bfused\b"),
     ("RuleOptimizer-betas-short", lambda: O.RuleOptimizer(_p(), "adam", betas=(0.9,)), r"\bbetas\b"),
     ("RuleOptimizer-lr-vector", lambda: O.RuleOptimizer(_p(), "adam", lr=torch.tensor([1e-3, 1e-3])), r"\blr\b"),
     ("RuleOptimizer-weight_decay-str", lambda: O.RuleOptimizer(_p(), "adam", weight_decay="0"), r"\bweight_decay\b"),
