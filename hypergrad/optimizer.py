@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.compiled import cat_flat, segments
+from optimizers.compiled import cat_flat, segment_tensors, segments
 
 from .fused import HyperKernels
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
@@ -653,22 +653,30 @@ class HyperOptimizer(RuleOptimizer):
             if bucket is None or any(bucket.flat[n] is not rec["state"][n] for n in self.family.state_names):
                 self._bucket(rec["params"], flat=rec["state"])
 
-    def _record_scalars(self, rec: Dict, kern: HyperKernels):
-        """``(h, t, precomputed)`` per coefficient set of the recorded update: its own
-        hyperparameters, step and coefficients (``rec["q"]``: q changed since)."""
-        params = rec["params"]
-        fixed = self._scalars(rec["fixed"], params[0])
-        t = torch.tensor(rec["t"], dtype=torch.float64, device=params[0].device)
+    def _step_scalars(self, fixed: Mapping[str, object], params: Sequence[Tensor], t: float,
+                      kern: HyperKernels) -> Dict[int, Tuple]:
+        """``(h, t, precomputed)`` of a bucket update per coefficient set: the hyperparameters
+        ``fixed``, the learned coefficients of that set and the scalars hoisted out of the kernels."""
+        fixed = self._scalars(fixed, params[0])
+        t = torch.tensor(t, dtype=torch.float64, device=params[0].device)
         out: Dict[int, Tuple] = {}
         for p in params:
             s = self._param_set[id(p)]
             if s not in out:
                 h = dict(fixed)
-                q_sub = rec["q"][self._set_indices(p)]
+                q_sub = self._q[0][self._set_indices(p)]  # a copy (index tensor): later hyper-steps do not reach it
                 for j, name in enumerate(self.learn):
                     h[name] = q_sub[j].to(torch.float64)
                 out[s] = (h, t, kern.scalars(h, t))
         return out
+
+    def _record_scalars(self, rec: Dict, kern: HyperKernels) -> Dict[int, Tuple]:
+        """The scalars of a recorded fused update: kept with it, or (a record loaded from a file, by
+        ``load_state_dict`` before any hyper-step) recomputed with the current coefficients, which
+        are the ones it used."""
+        if "scalars" not in rec:
+            rec["scalars"] = self._step_scalars(rec["fixed"], rec["params"], rec["t"], kern)
+        return rec["scalars"]
 
     def _advanced_state(self, rec: Dict) -> Dict[str, Tensor]:
         """The state after a recorded fused update (new tensors), from the state before it."""
@@ -715,75 +723,51 @@ class HyperOptimizer(RuleOptimizer):
         update and stores only the gradient: the next step's vjp recomputes the update from exactly
         these, and the next update advances the buffers past it in its own loop. The step thus keeps
         S + 2 parameter-sized buffers (S: the rule's; two gradient records, alternating) and writes
-        them in place."""
-        self._adopt_records()
+        them in place. (The vjp of this step has made the recorded buckets' buffers their records'.)"""
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            plan += [(gi, group, step, params) for (_, _, step), params in self._partition(with_grad).items()]
         lagging = {tuple(map(id, r["params"])): r for r in self._records0 or []}
-        stepping = {tuple(map(id, params)) for group in self.param_groups
-                    for params in self._partition([p for p in group["params"] if p.grad is not None]).values()}
+        stepping = {tuple(map(id, params)) for _, _, _, params in plan}
         for key in [k for k in lagging if k not in stepping]:  # a recorded bucket that does not step now
             rec = lagging.pop(key)
             for n, new in self._advanced_state(rec).items():
                 rec["state"][n].copy_(new)
         records = []
         names = self.family.state_names
-        for gi, group in enumerate(self.param_groups):
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if not with_grad:
-                continue
+        for gi, group, step, params in plan:
             mode = group["weight_decay_mode"]
             kern = self._hyper_kernel(mode)
             fixed = self._fixed_hyperparameters(group)
-            scalars = self._scalars(fixed, with_grad[0])
-            for (_, _, step), params in self._partition(with_grad).items():
-                bucket = self._bucket(params)
-                key = tuple(map(id, params))
-                last_rec = lagging.pop(key, None)
-                last = None if last_rec is None else self._record_scalars(last_rec, kern)
-                g_last = None if last_rec is None else last_rec["g"]
-                g_store = None
-                if record:  # two gradient buffers per bucket, alternating: never read and overwrite one
-                    pair = self._grad_record.get(key)
-                    if pair is None:
-                        pair = self._grad_record[key] = [torch.empty(sum(p.numel() for p in params),
-                                                                     dtype=params[0].dtype, device=params[0].device)
-                                                         for _ in range(2)]
-                    g_store = pair[1] if g_last is pair[0] else pair[0]
-                state = dict(bucket.flat)
-                t = torch.tensor(float(step + 1), dtype=torch.float64, device=params[0].device)
-                pre_by_set: Dict[int, Tuple[Dict, Dict]] = {}
-                for off, n, idxs in self._segments(params):
-                    p = params[idxs[0]]
-                    s = self._param_set[id(p)]
-                    if s not in pre_by_set:  # hyperparameters and hoisted scalars, once per coefficient set
-                        h = dict(scalars)
-                        q_sub = self._q[0][self._set_indices(p)]
-                        for j, name in enumerate(self.learn):
-                            h[name] = q_sub[j].to(torch.float64)
-                        pre_by_set[s] = (h, kern.scalars(h, t))
-                    h, pre = pre_by_set[s]
-                    sl = slice(off, off + n)
-                    gl = None if g_last is None else g_last[sl]
-                    gs = None if g_store is None else g_store[sl]
-                    prev = None if last is None else last[s]
-                    if len(idxs) == 1 and p.is_contiguous() and p.grad.is_contiguous():
-                        kern.update(p.view(-1), p.grad.view(-1), [state[m][sl] for m in names], gl, gs, h, t, pre,
-                                    prev)
-                    elif len(idxs) == 1:  # a strided tensor: the kernel on its own shape
-                        shaped = lambda v: None if v is None else v.view(p.shape)  # noqa: E731
-                        kern.update(p, p.grad.contiguous(), [state[m][sl].view(p.shape) for m in names], shaped(gl),
-                                    shaped(gs), h, t, pre, prev)
-                    else:  # small tensors packed: one call on a flat copy, then copied back
-                        run = [params[i] for i in idxs]
-                        x = cat_flat(run, run, run[0].dtype)
-                        kern.update(x, cat_flat([q.grad for q in run], run, run[0].dtype),
-                                    [state[m][sl] for m in names], gl, gs, h, t, pre, prev)
-                        torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
-                for p in params:
-                    self.state[p]["step"] = step + 1
-                if record:
-                    records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode,
-                                    "fixed": fixed, "g": g_store, "x": None, "state": state,
-                                    "q": self._q[0].detach().clone()})
+            bucket = self._bucket(params)
+            key = tuple(map(id, params))
+            last_rec = lagging.pop(key, None)
+            last = None if last_rec is None else self._record_scalars(last_rec, kern)
+            g_last = None if last_rec is None else last_rec["g"]
+            g_store = None
+            if record:  # two gradient buffers per bucket, alternating: never read and overwrite one
+                pair = self._grad_record.get(key)
+                if pair is None:
+                    pair = self._grad_record[key] = [torch.empty(sum(p.numel() for p in params),
+                                                                 dtype=params[0].dtype, device=params[0].device)
+                                                     for _ in range(2)]
+                g_store = pair[1] if g_last is pair[0] else pair[0]
+            state = dict(bucket.flat)
+            now = self._step_scalars(fixed, params, float(step + 1), kern)
+            grads = [p.grad for p in params]
+            for off, n, idxs in self._segments(params):
+                s = self._param_set[id(params[idxs[0]])]
+                x, g, view, finish = segment_tensors(params, grads, off, n, idxs)
+                h, t, pre = now[s]
+                kern.update(x, g, [view(state[m]) for m in names], None if g_last is None else view(g_last),
+                            None if g_store is None else view(g_store), h, t, pre, None if last is None else last[s])
+                finish()
+            for p in params:
+                self.state[p]["step"] = step + 1
+            if record:
+                records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode, "fixed": fixed,
+                                "g": g_store, "x": None, "state": state, "scalars": now})
         self._records0 = records if record else None
         self._graph_residual = None
 
@@ -877,22 +861,16 @@ class HyperOptimizer(RuleOptimizer):
         """
         # The fused path keeps a recorded bucket at the state before its last update: the state
         # saved per parameter (torch's layout) is the state after it, computed here.
-        saved_views = []
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch hands out self.state's own dicts
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for rec in (self._records0 or []) if self.fused else []:
             for n, buf in self._advanced_state(rec).items():
                 for p, view in zip(rec["params"], unflatten_like(buf, rec["params"])):
-                    saved_views.append((p, n, self.state[p][n]))
-                    self.state[p][n] = view
-        try:
-            sd = super().state_dict()
-            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch hands out self.state's own dicts
-        finally:
-            for p, n, view in saved_views:
-                self.state[p][n] = view
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+                    sd["state"][index[id(p)]][n] = view
 
         def pack_model(rec):
-            out = {k: v for k, v in rec.items() if k not in ("params", "x", "fixed", "q")}  # q: hyper["q"][0]
+            out = {k: v for k, v in rec.items() if k not in ("params", "x", "fixed", "scalars")}  # derivable
             out["params"] = [index[id(p)] for p in rec["params"]]
             out["fixed"] = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in rec["fixed"].items()}
             if rec["x"] is not None:
@@ -952,10 +930,10 @@ class HyperOptimizer(RuleOptimizer):
                 records.append({"params": ps, "group": int(rec["group"]), "t": float(rec["t"]), "mode": rec["mode"],
                                 "fixed": dict(rec["fixed"]), "g": rec["g"].detach().to(ps[0].device).clone(),
                                 "x": rec["x"].detach().clone() if "x" in rec else None,
-                                "state": {n: v.detach().clone() for n, v in rec["state"].items()},
-                                # the coefficients of the recorded update (the fused path advances
-                                # its state with them): those saved, which were current at saving
-                                "q": self._q[0].clone()})
+                                "state": {n: v.detach().clone() for n, v in rec["state"].items()}})
+            if self.fused:  # the scalars the recorded updates used: the saved coefficients are theirs, now
+                for rec in records:
+                    self._record_scalars(rec, self._hyper_kernel(rec["mode"]))
             self._records0 = records
         self._level_records = [None if r is None else {"q_old": r["q_old"].detach().clone(), "g": r["g"].detach().clone(),
                                                        "state": {n: v.detach().clone() for n, v in r["state"].items()},

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-__all__ = ["TensorKernel", "segments", "cat_flat", "SMALL_TENSOR"]
+__all__ = ["TensorKernel", "segments", "segment_tensors", "cat_flat", "SMALL_TENSOR"]
 
 
 class TensorKernel:
@@ -109,3 +109,31 @@ def cat_flat(tensors: Sequence[Optional[Tensor]], like: Sequence[Tensor], dtype:
         return tensors[0].view(-1)
     parts = [(t if t is not None else torch.zeros_like(ref)).reshape(-1).to(dtype) for t, ref in zip(tensors, like)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _nothing():
+    pass
+
+
+def segment_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], offset: int, numel: int,
+                    indices: Sequence[int]) -> Tuple[Tensor, Tensor, Callable[[Tensor], Tensor], Callable[[], None]]:
+    """What one kernel call of ``segments`` works on: ``(x, g, view, finish)``.
+
+    ``x``, ``g``: the parameter and its gradient, flat; for a packed run, flat copies; for a strided
+    parameter, the tensor itself (the kernel runs on its shape). ``view(buffer)``: this segment's
+    slice of a flat buffer, shaped like ``x``. ``finish()``: copies a packed ``x`` back into its
+    parameters after the call (nothing otherwise).
+    """
+    sl = slice(offset, offset + numel)
+    p, g = params[indices[0]], grads[indices[0]]
+    if len(indices) > 1:
+        run = [params[i] for i in indices]
+        x = torch.cat([q.view(-1) for q in run])
+
+        def finish():
+            torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
+
+        return x, cat_flat([grads[i] for i in indices], run, p.dtype), lambda b: b[sl], finish
+    if p.is_contiguous() and g.is_contiguous():
+        return p.view(-1), g.view(-1), lambda b: b[sl], _nothing
+    return p, g.contiguous(), lambda b: b[sl].view(p.shape), _nothing

@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .compiled import TensorKernel, cat_flat, segments
+from .compiled import TensorKernel, segment_tensors, segments
 from .functional import displacement
 from .family import Family
 
@@ -109,17 +109,9 @@ class FusedKernel:
         before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
         args = (*before, *scalars.values(), t, *pre.values())
         for off, n, idxs in segments(params):
-            sl = slice(off, off + n)
-            p, g = params[idxs[0]], grads[idxs[0]]
-            if len(idxs) > 1:  # small tensors: one call on a flat copy, copied back
-                run = [params[i] for i in idxs]
-                x = torch.cat([q.view(-1) for q in run])
-                kern(x, cat_flat([grads[i] for i in idxs], run, ref.dtype), *[b[sl] for b in bufs], *args)
-                torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
-            elif p.is_contiguous() and g.is_contiguous():
-                kern(p.view(-1), g.view(-1), *[b[sl] for b in bufs], *args)
-            else:  # a strided parameter: the kernel on the tensor's own shape
-                kern(p, g.contiguous(), *[b[sl].view(p.shape) for b in bufs], *args)
+            x, g, view, finish = segment_tensors(params, grads, off, n, idxs)
+            kern(x, g, *[view(b) for b in bufs], *args)
+            finish()
         if self.scalar_names:  # advanced once per bucket (they do not depend on the elements)
             # A one-element stand-in for the parameter-shaped buffers: the scalar ones depend on
             # coefficients, the step and themselves only.
