@@ -224,6 +224,7 @@ class HyperOptimizer(RuleOptimizer):
         self._hyper_kernels: Dict[str, HyperKernels] = {}
         self._grad_record: Dict[Tuple[int, ...], List[Tensor]] = {}  # fused path: gradient buffers per bucket
         self._segment_cache: Dict[Tuple[int, ...], List] = {}  # fused path: kernel calls per bucket
+        self._packed_grads: Dict[Tuple, Tensor] = {}  # fused path: this step's packed gradients, vjp -> update
         self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
@@ -231,12 +232,12 @@ class HyperOptimizer(RuleOptimizer):
     # ------------------------------------------------------------------ copy / pickle, new groups
     _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_grad_record",
                                              "_segment_cache", "_set_index", "_graph_residual", "_graph_chain",
-                                             "_graph_leaves", "_reduce_group")
+                                             "_graph_leaves", "_reduce_group", "_packed_grads")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._index_cache, self._hyper_kernels, self._grad_record, self._set_index = {}, {}, {}, {}
-        self._segment_cache = {}
+        self._segment_cache, self._packed_grads = {}, {}
         self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
         self._param_set = {}
         self._assign_sets()
@@ -379,6 +380,7 @@ class HyperOptimizer(RuleOptimizer):
                 loss = closure()
         self._validate_all_groups()
         self._check_learned_lr_untouched()
+        self._packed_grads = {}  # (filled by this step's vjp kernels only)
         # On the fused path the vjp kernels read every recorded gradient anyway and also return its
         # sum, so the non-finite check of those gradients costs no extra pass over them (it used
         # to cost a quarter of the step); only gradients outside the records are checked up front.
@@ -664,9 +666,10 @@ class HyperOptimizer(RuleOptimizer):
             s = self._param_set[id(p)]
             if s not in out:
                 h = dict(fixed)
-                q_sub = self._q[0][self._set_indices(p)]  # a copy (index tensor): later hyper-steps do not reach it
+                # a copy (index tensor), converted once: later hyper-steps do not reach it
+                q_sub = self._q[0][self._set_indices(p)].to(torch.float64)
                 for j, name in enumerate(self.learn):
-                    h[name] = q_sub[j].to(torch.float64)
+                    h[name] = q_sub[j]
                 out[s] = (h, t, kern.scalars(h, t))
         return out
 
@@ -693,18 +696,24 @@ class HyperOptimizer(RuleOptimizer):
         return {m: torch.cat(v) for m, v in parts.items()}
 
     def _fused_d1(self) -> Tensor:
-        """Level-1 hypergradient from the compiled per-segment vjp kernels."""
+        """Level-1 hypergradient from the compiled per-segment vjp kernels. The gradients of a packed
+        run of small tensors are concatenated here once and kept for this step's update kernel."""
         self._adopt_records()
         d1 = torch.zeros_like(self._q[0])
         self._gradient_sums = []
+        self._packed_grads = {}
+        q_of_set: Dict[object, Tensor] = {}
+        learned = set(self.learn)
         for rec in self._records0:
             params = rec["params"]
             kern = self._hyper_kernel(rec["mode"])
-            fixed = self._scalars(rec["fixed"], params[0])
-            t = torch.tensor(rec["t"], dtype=torch.float64, device=params[0].device)
-            names, dtype = self.family.state_names, rec["g"].dtype
+            scalars = self._record_scalars(rec, kern)
+            names, dtype, key = self.family.state_names, rec["g"].dtype, tuple(map(id, params))
             for off, n, idxs in self._segments(params):
                 p = params[idxs[0]]
+                s = self._param_set[id(p)]
+                h, t, _ = scalars[s]
+                fixed = {k: v for k, v in h.items() if k not in learned}
                 if len(idxs) == 1 and not p.is_contiguous():  # a strided tensor: its own shape
                     cot = (p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).contiguous()
                     g_old, states = (unflatten_like(rec["g"][off:off + n], [p])[0],
@@ -712,8 +721,13 @@ class HyperOptimizer(RuleOptimizer):
                 else:
                     cot = cat_flat([params[i].grad for i in idxs], [params[i] for i in idxs], dtype)
                     g_old, states = rec["g"][off:off + n], [rec["state"][m][off:off + n] for m in names]
+                    if len(idxs) > 1 and all(params[i].grad is not None for i in idxs):
+                        self._packed_grads[(key, off)] = cot
                 idx = self._set_indices(p)
-                partial, cot_sum = kern.partial_hypergradient(g_old, states, cot, self._q[0][idx], fixed, t)
+                q = q_of_set.get(s)
+                if q is None:
+                    q = q_of_set[s] = self._q[0][idx]
+                partial, cot_sum = kern.partial_hypergradient(g_old, states, cot, q, fixed, t)
                 d1.index_add_(0, idx, partial.to(d1.dtype))
                 self._gradient_sums.append(cot_sum)
         return d1
@@ -736,6 +750,8 @@ class HyperOptimizer(RuleOptimizer):
                 rec["state"][n].copy_(new)
         records = []
         names = self.family.state_names
+        # gradients of packed runs that this step's vjp kernels concatenated already (same bucket)
+        packed, self._packed_grads = self._packed_grads, {}
         for gi, group, step, params in plan:
             mode = group["weight_decay_mode"]
             kern = self._hyper_kernel(mode)
@@ -758,7 +774,7 @@ class HyperOptimizer(RuleOptimizer):
             grads = [p.grad for p in params]
             for off, n, idxs in self._segments(params):
                 s = self._param_set[id(params[idxs[0]])]
-                x, g, view, finish = segment_tensors(params, grads, off, n, idxs)
+                x, g, view, finish = segment_tensors(params, grads, off, n, idxs, packed.pop((key, off), None))
                 h, t, pre = now[s]
                 kern.update(x, g, [view(state[m]) for m in names], None if g_last is None else view(g_last),
                             None if g_store is None else view(g_store), h, t, pre, None if last is None else last[s])

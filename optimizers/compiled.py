@@ -13,11 +13,16 @@ The kernel may write into its arguments (``copy_``, ``add_``): the graph keeps t
 """
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP as _SYMPY_INTERP
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TensorKernel", "segments", "segment_tensors", "cat_flat", "SMALL_TENSOR"]
 
@@ -30,24 +35,58 @@ class TensorKernel:
     0-D arguments (hyperparameters, the step) reach the compiled graph stacked into one vector per
     dtype and device: Dynamo would otherwise guard each 0-D tensor's value (a host read per scalar
     and call, a device synchronisation on a GPU).
+
+    Compilation routes (``route``):
+
+    * ``"inductor"`` (CPU, contiguous arguments; the default there): the graph goes to Inductor
+      directly (``compile_fx`` on fake inputs with symbolic sizes), without Dynamo. Dynamo's frame
+      evaluation, guard tree and module-call wrappers cost ~60 us per call, more than the whole
+      update of a 20k-element tensor. Instead, the few guards Inductor's compilation records (sizes
+      equal, sizes >= 2, a reduction longer than a chunk...) are evaluated once per distinct set of
+      argument shapes; shapes that fail them get a compilation of their own.
+    * ``"dynamo"``: ``torch.compile(graph, dynamic=True, fullgraph=True)`` (GPUs, strided arguments,
+      and the fallback if the direct route fails to compile).
     """
 
-    def __init__(self, fn: Callable[..., object], name: str):
+    def __init__(self, fn: Callable[..., object], name: str, route: str = "auto"):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        self.fn, self.name = fn, name
-        self._compiled: Dict[Tuple, Tuple[Callable[..., object], List[int], List[List[int]]]] = {}
+        if route not in ("auto", "inductor", "dynamo"):
+            raise ValueError(f"route must be 'auto', 'inductor' or 'dynamo', got {route!r}")
+        self.fn, self.name, self.route = fn, name, route
+        self._signatures: Dict[Tuple, _Signature] = {}
+        # (dtype, shape, stride, storage offset, device) of every argument -> its signature and the
+        # compilation that serves it: one dict lookup per call once a layout has been seen
+        self._calls: Dict[Tuple, Tuple[_Signature, Callable]] = {}
 
     def __call__(self, *tensors: Tensor):
-        key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors)
-        entry = self._compiled.get(key)
-        if entry is None:
-            entry = self._compiled[key] = self._build(tensors)
-        compiled, big, scalar_groups = entry
-        return compiled(*[tensors[i] for i in big], *[torch.stack([tensors[i] for i in group])
-                                                      for group in scalar_groups])
+        layout = tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors)
+        hit = self._calls.get(layout)
+        if hit is None:
+            hit = self._calls[layout] = self._resolve(tensors)
+        sig, compiled = hit
+        args = [tensors[i] for i in sig.big]
+        args += [torch.stack([tensors[i] for i in group]) for group in sig.scalar_groups]
+        out = compiled(*args)
+        return tuple(out) if sig.returns_tuple and sig.direct else out
 
-    def _build(self, tensors: Tuple[Tensor, ...]):
+    def compiled_graphs(self) -> int:
+        """How many graphs this kernel has compiled (every signature and shape variant)."""
+        return sum(s.compilations for s in self._signatures.values())
+
+    def routes(self) -> List[str]:
+        """The route of each signature compiled so far ('inductor' or 'dynamo')."""
+        return ["inductor" if s.direct else "dynamo" for s in self._signatures.values()]
+
+    def _resolve(self, tensors: Tuple[Tensor, ...]) -> Tuple["_Signature", Callable]:
+        key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors)
+        sig = self._signatures.get(key)
+        if sig is None:
+            sig = self._signatures[key] = self._trace(tensors)
+        args = [tensors[i] for i in sig.big] + [torch.stack([tensors[i] for i in g]) for g in sig.scalar_groups]
+        return sig, sig.compiled_for(args)
+
+    def _trace(self, tensors: Tuple[Tensor, ...]) -> "_Signature":
         big = [i for i, t in enumerate(tensors) if t.dim() > 0]
         by_kind: Dict[Tuple, List[int]] = {}
         for i, t in enumerate(tensors):
@@ -69,7 +108,72 @@ class TensorKernel:
         with torch.no_grad():  # an optimizer kernel: no autograd graph to record around it
             graph = make_fx(unpacked, tracing_mode="symbolic")(*example)  # fake copies: nothing is written
         graph.__class__.__name__ = self.name  # names the kernel in profiles and compile logs
-        return torch.compile(graph, dynamic=True, fullgraph=True), big, scalar_groups
+        direct = self.route == "inductor" or (self.route == "auto" and all(
+            t.device.type == "cpu" and t.is_contiguous() for t in example))
+        return _Signature(graph, big, scalar_groups, direct, self.name)
+
+
+class _Signature:
+    """One signature (dtypes, ranks, contiguity, devices) of a ``TensorKernel``: its traced graph and
+    its compilations."""
+
+    def __init__(self, graph, big: List[int], scalar_groups: List[List[int]], direct: bool, name: str):
+        self.graph, self.big, self.scalar_groups, self.name, self.direct = graph, big, scalar_groups, name, direct
+        self.returns_tuple = isinstance(_graph_output(graph), (tuple, list))
+        self.compilations = 0
+        self._dynamo: Optional[Callable] = None
+        self._variants: List[Tuple[Callable, object]] = []  # (compiled, compiled guard expression)
+
+    def compiled_for(self, args: List[Tensor]) -> Callable:
+        """The compilation serving arguments like ``args``: a direct one whose guards they pass
+        (compiled now if none does), or the Dynamo one."""
+        if self.direct:
+            scope = {"L": {f"t{i}": a for i, a in enumerate(args)}}
+            for compiled, guards in self._variants:
+                if eval(guards, _SYMPY_INTERP, scope):
+                    return compiled
+            try:
+                compiled, guards = _compile_direct(self.graph, args, len(self.big))
+            except Exception as exc:  # an Inductor limitation: the Dynamo route handles every graph
+                log.warning("kernel %s: direct Inductor compilation failed (%s: %s); using torch.compile",
+                            self.name, type(exc).__name__, exc)
+                self.direct = False
+            else:
+                self.compilations += 1
+                self._variants.append((compiled, guards))
+                return compiled
+        if self._dynamo is None:
+            self._dynamo = torch.compile(self.graph, dynamic=True, fullgraph=True)
+            self.compilations += 1
+        return self._dynamo
+
+
+def _graph_output(graph) -> object:
+    return next(node for node in graph.graph.nodes if node.op == "output").args[0]
+
+
+def _compile_direct(graph, args: Sequence[Tensor], n_big: int):
+    """Inductor's compilation of ``graph`` for arguments like ``args`` (dynamic sizes and offsets for
+    the first ``n_big``, the tensors; static ones for the stacked scalar vectors after them), and the compiled expression of every
+    guard it assumed, static ones included (sizes, strides, storage offsets), which arguments must
+    pass to use it. No 0/1 specialization and no duck sizing: a size or offset that happens to be
+    0, 1 or equal to another is not baked in."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
+    mode = FakeTensorMode(shape_env=shape_env)
+    fakes = [mode.from_tensor(a.detach(), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC if i < n_big else DimDynamic.STATIC] * a.dim()))
+        for i, a in enumerate(args)]
+    with torch.no_grad():
+        compiled = compile_fx(copy.deepcopy(graph), fakes)
+    code = shape_env.produce_guards_expression(fakes, ignore_static=False) or "True"
+    guards = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
+    if not eval(guards, _SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(args)}}):
+        raise RuntimeError(f"the compiled kernel's guards reject the arguments it was compiled for: {code}")
+    return compiled, guards
 
 
 # A kernel call costs ~0.1 ms of Python, guards and dispatch whatever its size: below this many
@@ -116,13 +220,15 @@ def _nothing():
 
 
 def segment_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], offset: int, numel: int,
-                    indices: Sequence[int]) -> Tuple[Tensor, Tensor, Callable[[Tensor], Tensor], Callable[[], None]]:
+                    indices: Sequence[int], packed_grad: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor, Callable[[Tensor], Tensor], Callable[[], None]]:
     """What one kernel call of ``segments`` works on: ``(x, g, view, finish)``.
 
     ``x``, ``g``: the parameter and its gradient, flat; for a packed run, flat copies; for a strided
     parameter, the tensor itself (the kernel runs on its shape). ``view(buffer)``: this segment's
     slice of a flat buffer, shaped like ``x``. ``finish()``: copies a packed ``x`` back into its
-    parameters after the call (nothing otherwise).
+    parameters after the call (nothing otherwise). ``packed_grad``: the packed run's gradients,
+    already concatenated in this step (by an earlier kernel of the step), used instead of a new copy.
     """
     sl = slice(offset, offset + numel)
     p, g = params[indices[0]], grads[indices[0]]
@@ -133,7 +239,8 @@ def segment_tensors(params: Sequence[Tensor], grads: Sequence[Tensor], offset: i
         def finish():
             torch._foreach_copy_([q.view(-1) for q in run], list(torch.split(x, [q.numel() for q in run])))
 
-        return x, cat_flat([grads[i] for i in indices], run, p.dtype), lambda b: b[sl], finish
+        g_flat = packed_grad if packed_grad is not None else cat_flat([grads[i] for i in indices], run, p.dtype)
+        return x, g_flat, lambda b: b[sl], finish
     if p.is_contiguous() and g.is_contiguous():
         return p.view(-1), g.view(-1), lambda b: b[sl], _nothing
     return p, g.contiguous(), lambda b: b[sl].view(p.shape), _nothing

@@ -179,7 +179,12 @@ def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads)
     assert _host_reads(opt) == reads
     assert _host_reads(fixed) == 0
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] >= 3  # vjp kernel, hyper update kernel, rule kernel
+    # vjp kernel, hyper update kernel, rule kernel: each one whole traced graph compiled by Inductor
+    # (on the CPU directly, without Dynamo: make_fx traces the whole kernel or fails, so no break)
+    kernels = [k for hk in opt._hyper_kernels.values() for k in hk._kernels.values()]
+    kernels += [k for fk in fixed._kernels.values() for k in fk._kernels.values()]
+    assert len(kernels) >= 3 and all(k.compiled_graphs() >= 1 for k in kernels)
+    assert all(route == "inductor" for k in kernels for route in k.routes())
     before = torch.stack(list(opt.hypergradients().values())).clone()
     opt.zero_grad()
     loss_fns[4](model).backward()
@@ -337,3 +342,39 @@ def test_fused_hyper_learning_settings_equal_the_functional_engine(config):
         assert (a - b).abs().max().item() <= 1e-10
     q0 = torch.tensor(list(MADA_INTERIOR.values()), dtype=torch.float64)
     assert (out[True][0][:6] - q0).abs().max().item() > 1e-5  # the coefficients moved
+
+
+def test_tensor_kernel_direct_route_equals_eager_and_dynamo():
+    """``TensorKernel`` compiles on the CPU straight through Inductor, without Dynamo's guards: the
+    guards its compilation assumed are checked once per argument layout instead. Sizes 1 and 2
+    (not specialized), reductions on either side of Inductor's 4096-element chunk, views at storage
+    offsets 0, 1 and more: the in-place writes must equal eager and the Dynamo route bit for bit,
+    the reductions eager's to float32 round-off; arguments its guards reject are never run by it."""
+    from optimizers.compiled import TensorKernel
+
+    def fn(a, b, s):
+        b.add_(a * s)
+        return (a * b).sum(), a.sum()
+
+    direct, dynamo = TensorKernel(fn, "t_direct", route="inductor"), TensorKernel(fn, "t_dynamo", route="dynamo")
+    s = torch.tensor(0.5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for n, off in ((5000, 7), (3, 0), (1, 0), (100, 1), (10000, 0), (4096, 3), (2, 2), (5000, 0)):
+        buf = torch.randn(3 * n + 7, generator=gen)
+        a, b = buf[off:off + n], torch.randn(n, generator=gen)
+        b1, b2, b3 = b.clone(), b.clone(), b.clone()
+        out1, out2, out3 = direct(a, b1, s), dynamo(a, b2, s), fn(a, b3, s)
+        assert torch.equal(b1, b3) and torch.equal(b2, b3), (n, off)
+        for x, y in zip(out1, out3):
+            assert abs(x.item() - y.item()) <= 1e-5 * (1 + a.abs().sum().item() * (1 + b.abs().max().item())), (n, off)
+        assert torch.equal(buf[off:off + n], a)  # read-only argument untouched
+    assert direct.routes() == ["inductor"] and dynamo.routes() == ["dynamo"]
+    again = direct.compiled_graphs()
+    direct(torch.randn(777), torch.randn(777), s)  # a layout its variants already cover: no compilation
+    assert direct.compiled_graphs() == again
+    # The compiled code assumes equal sizes (a guard); unequal ones must not run it (reading out of
+    # bounds) but fail, as eager does.
+    with pytest.raises(Exception, match="size"):
+        direct(torch.randn(300), torch.randn(200), s)
+    with pytest.raises(ValueError, match="route"):
+        TensorKernel(fn, "bad", route="fast")
