@@ -112,7 +112,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         weight_decay: >= 0.
         weight_decay_mode: ``"decoupled"`` / ``"l2"`` / ``"proximal"``; default: the family's.
         fused: run each step as one compiled in-place kernel per parameter tensor (``fused.py``;
-            ``torch.compile`` compiles on the first step). Same numbers as the default flat path
+            Inductor compiles on the first step). Same numbers as the default flat path
             (checked in float64), several times faster on large models.
         state_dtype: dtype of the optimizer buffers and of the update arithmetic (default None: each
             parameter's own dtype). ``torch.float32`` for bfloat16 parameters keeps float32 buffers,

@@ -10,6 +10,12 @@ a model of many small tensors cost more than the arithmetic itself.
 aten operations on its tensor arguments — the family, the weight-decay mode and every other Python
 value are baked into the graph — and compiles that graph, so a call guards only its tensor inputs.
 The kernel may write into its arguments (``copy_``, ``add_``): the graph keeps those writes.
+
+On the CPU the graph goes to Inductor directly, without Dynamo (whose frame evaluation and wrappers
+still cost ~60 us per call): Inductor compiles it for symbolic sizes and storage offsets, and the
+few guards that compilation assumed are evaluated once per distinct argument layout. Measured:
+a fused Adam step on the 10.7M-parameter char GPT (26 kernel calls) went from 1.69x to 1.28x
+``torch.optim.AdamW(fused=True)`` (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -176,9 +182,11 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int):
     return compiled, guards
 
 
-# A kernel call costs ~0.1 ms of Python, guards and dispatch whatever its size: below this many
-# elements a tensor's update is cheaper packed with its neighbours (copied to a flat tensor and
-# back) than given a call of its own. LayerNorm weights and biases are all below it.
+# A kernel call costs ~20-30 us (argument packing, Inductor's wrapper) whatever its size, and the
+# per-step scalars of a bucket ~100 us more: below this many elements a tensor's update is cheaper
+# packed with its neighbours (copied to a flat tensor and back) than given a call of its own.
+# LayerNorm weights and biases are all below it. (Measured on the demo GPT, all of whose tensors
+# are below 2^17: packing them stayed faster than one call per tensor above 2^13 or 2^15.)
 SMALL_TENSOR = 1 << 17
 
 
