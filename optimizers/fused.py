@@ -3,8 +3,9 @@
 An eager step runs the rule's ~10-40 elementwise operations one after another, each reading and
 writing a full parameter-sized temporary; on a CPU the step is then dominated by memory traffic
 and by page faults for the temporaries. Inductor (through ``optimizers.compiled.TensorKernel``)
-fuses the whole rule ``displacement`` plus the in-place writes of the new buffers and of the parameter into one loop:
-each buffer is read once and written once, which is the memory-bandwidth floor of the rule.
+fuses the whole rule ``displacement`` plus the in-place writes of the new buffers and of the
+parameter into one loop: each buffer is read once and written once, which is the memory-bandwidth
+floor of the rule.
 
 Hyperparameters and the step count enter as 0-D float64 tensors, so changing a value (an LR
 scheduler, a learned coefficient) never recompiles; shapes are dynamic, so one compilation serves
