@@ -171,10 +171,15 @@ class HyperKernels:
     def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
                               fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor]:
         """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}))`` for one tensor."""
+        return self.partial_for(fixed, t)(g_old, old_states, cotangent, q)
+
+    def partial_for(self, fixed: Mapping[str, Tensor], t: Tensor):
+        """``partial_hypergradient`` with its scalars bound once: ``(g_old, old_states, cotangent, q)
+        -> (partial, sum)``, for every segment of a record."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
-        kern = self._partial_kernel(tuple(fixed))
-        return kern(g_old, *old_states, cotangent, q, *fixed.values(), t)
+        bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)
+        return lambda g_old, old_states, cotangent, q: bound(g_old, *old_states, cotangent, q)
 
     def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
         """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and
@@ -190,11 +195,23 @@ class HyperKernels:
         its gradient); ``g_store``: where this update's gradient goes when it is recorded."""
         if (last is None) != (g_last is None):
             raise ValueError("g_last and last go together")
+        self.update_for(h, t, precomputed, last, g_store is not None)(x, g, states, g_last, g_store)
+
+    def update_for(self, h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
+                   last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]], record: bool):
+        """``update`` with its scalars bound once: ``(x, g, states, g_last, g_store) -> None``, for every
+        segment of a bucket (``g_last`` given exactly when ``last`` is; ``g_store`` when recording)."""
         last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
-        kern = self._update_kernel(tuple(h), tuple(precomputed), g_store is not None, last_names)
-        buffers = tuple(b for b in (g_last, g_store) if b is not None)
+        kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names)
         tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
-        kern(x, g, *states, *buffers, *h.values(), t, *precomputed.values(), *tail)
+        bound = kern.bind(*h.values(), t, *precomputed.values(), *tail)
+
+        def run(x, g, states, g_last, g_store):
+            if (g_last is None) != (last is None) or (g_store is None) == record:
+                raise ValueError("update_for: g_last goes with last, g_store with record")
+            bound(x, g, *states, *(b for b in (g_last, g_store) if b is not None))
+
+        return run
 
     def advance(self, g_old: Tensor, states: Sequence[Tensor], h: Mapping[str, Tensor], t: Tensor,
                 precomputed: Mapping[int, Tensor]) -> Dict[str, Tensor]:

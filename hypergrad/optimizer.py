@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from numbers import Real
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -225,6 +226,7 @@ class HyperOptimizer(RuleOptimizer):
         self._grad_record: Dict[Tuple[int, ...], List[Tensor]] = {}  # fused path: gradient buffers per bucket
         self._segment_cache: Dict[Tuple[int, ...], List] = {}  # fused path: kernel calls per bucket
         self._packed_grads: Dict[Tuple, Tensor] = {}  # fused path: this step's packed gradients, vjp -> update
+        self._current_cache: Dict[int, Tuple[Dict, Dict[str, Tensor]]] = {}  # fused path: _current_buffer
         self._set_index: Dict[int, Tensor] = {}
         self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
@@ -232,12 +234,13 @@ class HyperOptimizer(RuleOptimizer):
     # ------------------------------------------------------------------ copy / pickle, new groups
     _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_grad_record",
                                              "_segment_cache", "_set_index", "_graph_residual", "_graph_chain",
-                                             "_graph_leaves", "_reduce_group", "_packed_grads")
+                                             "_graph_leaves", "_reduce_group", "_packed_grads",
+                                             "_current_cache")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._index_cache, self._hyper_kernels, self._grad_record, self._set_index = {}, {}, {}, {}
-        self._segment_cache, self._packed_grads = {}, {}
+        self._segment_cache, self._packed_grads, self._current_cache = {}, {}, {}
         self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
         self._param_set = {}
         self._assign_sets()
@@ -381,6 +384,7 @@ class HyperOptimizer(RuleOptimizer):
         self._validate_all_groups()
         self._check_learned_lr_untouched()
         self._packed_grads = {}  # (filled by this step's vjp kernels only)
+        self._current_cache = {}  # the buffers move now
         # On the fused path the vjp kernels read every recorded gradient anyway and also return its
         # sum, so the non-finite check of those gradients costs no extra pass over them (it used
         # to cost a quarter of the step); only gradients outside the records are checked up front.
@@ -394,8 +398,8 @@ class HyperOptimizer(RuleOptimizer):
         if had_records:
             d = self._collect_hypergradients()
             if deferred is not None:
-                all_finite = bool(torch.isfinite(torch.cat(
-                    [torch.stack(self._gradient_sums).to(d[0].dtype)] + [x.reshape(-1) for x in d])).all())
+                sums = [torch.stack(self._gradient_sums).to(d[0].dtype)] if self._gradient_sums else []  # none: no records
+                all_finite = bool(torch.isfinite(torch.cat(sums + [x.reshape(-1) for x in d])).all())
                 if not all_finite and not self._gradients_finite():  # names the culprits, counts the skip
                     self.skipped_steps += 1
                     return loss
@@ -695,6 +699,25 @@ class HyperOptimizer(RuleOptimizer):
                 parts[m].append(new[m].expand(n) if new[m].dim() == 0 else new[m])
         return {m: torch.cat(v) for m, v in parts.items()}
 
+    def _current_buffer(self, view: Tensor) -> Tensor:
+        """``view`` (a parameter's slice of a bucket buffer) as the current state: itself, unless the
+        buffer is a fused record's, left at the state before the recorded update; then the same slice
+        of the advanced state, computed once per record and step (``_ParamState``)."""
+        if not self.fused or not self._records0:
+            return view
+        ptr = view.untyped_storage().data_ptr()
+        for rec in self._records0:
+            for name, buf in rec["state"].items():
+                if buf.dim() == 0 or buf.untyped_storage().data_ptr() != ptr:
+                    continue
+                cached = self._current_cache.get(id(rec))
+                if cached is None:
+                    cached = self._current_cache[id(rec)] = (rec, self._advanced_state(rec))
+                new = cached[1][name]
+                return new.as_strided(view.shape, view.stride(),
+                                      new.storage_offset() + view.storage_offset() - buf.storage_offset())
+        return view
+
     def _fused_d1(self) -> Tensor:
         """Level-1 hypergradient from the compiled per-segment vjp kernels. The gradients of a packed
         run of small tensors are concatenated here once and kept for this step's update kernel."""
@@ -703,17 +726,21 @@ class HyperOptimizer(RuleOptimizer):
         self._gradient_sums = []
         self._packed_grads = {}
         q_of_set: Dict[object, Tensor] = {}
+        sums: Dict[object, Tensor] = {}  # per coefficient set: its partial hypergradient
         learned = set(self.learn)
         for rec in self._records0:
             params = rec["params"]
             kern = self._hyper_kernel(rec["mode"])
             scalars = self._record_scalars(rec, kern)
             names, dtype, key = self.family.state_names, rec["g"].dtype, tuple(map(id, params))
+            kernel_of_set: Dict[object, object] = {}  # the vjp kernel with this set's scalars bound
             for off, n, idxs in self._segments(params):
                 p = params[idxs[0]]
                 s = self._param_set[id(p)]
-                h, t, _ = scalars[s]
-                fixed = {k: v for k, v in h.items() if k not in learned}
+                partial_fn = kernel_of_set.get(s)
+                if partial_fn is None:
+                    h, t, _ = scalars[s]
+                    partial_fn = kernel_of_set[s] = kern.partial_for({k: v for k, v in h.items() if k not in learned}, t)
                 if len(idxs) == 1 and not p.is_contiguous():  # a strided tensor: its own shape
                     cot = (p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).contiguous()
                     g_old, states = (unflatten_like(rec["g"][off:off + n], [p])[0],
@@ -723,13 +750,17 @@ class HyperOptimizer(RuleOptimizer):
                     g_old, states = rec["g"][off:off + n], [rec["state"][m][off:off + n] for m in names]
                     if len(idxs) > 1 and all(params[i].grad is not None for i in idxs):
                         self._packed_grads[(key, off)] = cot
-                idx = self._set_indices(p)
                 q = q_of_set.get(s)
                 if q is None:
-                    q = q_of_set[s] = self._q[0][idx]
-                partial, cot_sum = kern.partial_hypergradient(g_old, states, cot, q, fixed, t)
-                d1.index_add_(0, idx, partial.to(d1.dtype))
+                    q = q_of_set[s] = self._q[0][self._set_indices(p)]
+                partial, cot_sum = partial_fn(g_old, states, cot, q)
+                # summed per set in segment order (each entry: the same additions as one index_add_
+                # per segment), added into d1 once per set
+                partial = partial.to(d1.dtype)
+                sums[s] = partial if s not in sums else sums[s] + partial
                 self._gradient_sums.append(cot_sum)
+        for s, total in sums.items():
+            d1.index_add_(0, self._set_index[s], total)
         return d1
 
     def _fused_model_update(self, record: bool):
@@ -743,6 +774,9 @@ class HyperOptimizer(RuleOptimizer):
             with_grad = [p for p in group["params"] if p.grad is not None]
             plan += [(gi, group, step, params) for (_, _, step), params in self._partition(with_grad).items()]
         lagging = {tuple(map(id, r["params"])): r for r in self._records0 or []}
+        # From here on the records are consumed (advanced below or by the kernels): the buffers are
+        # read as they are (``_current_buffer``) until this update's records replace them.
+        self._records0, self._current_cache = None, {}
         stepping = {tuple(map(id, params)) for _, _, _, params in plan}
         for key in [k for k in lagging if k not in stepping]:  # a recorded bucket that does not step now
             rec = lagging.pop(key)
@@ -772,12 +806,12 @@ class HyperOptimizer(RuleOptimizer):
             state = dict(bucket.flat)
             now = self._step_scalars(fixed, params, float(step + 1), kern)
             grads = [p.grad for p in params]
+            kernel_of_set = {s: kern.update_for(*now[s], None if last is None else last[s], record) for s in now}
             for off, n, idxs in self._segments(params):
                 s = self._param_set[id(params[idxs[0]])]
                 x, g, view, finish = segment_tensors(params, grads, off, n, idxs, packed.pop((key, off), None))
-                h, t, pre = now[s]
-                kern.update(x, g, [view(state[m]) for m in names], None if g_last is None else view(g_last),
-                            None if g_store is None else view(g_store), h, t, pre, None if last is None else last[s])
+                kernel_of_set[s](x, g, [view(state[m]) for m in names], None if g_last is None else view(g_last),
+                                 None if g_store is None else view(g_store))
                 finish()
             for p in params:
                 self.state[p]["step"] = step + 1
@@ -786,6 +820,10 @@ class HyperOptimizer(RuleOptimizer):
                                 "g": g_store, "x": None, "state": state, "scalars": now})
         self._records0 = records if record else None
         self._graph_residual = None
+        for rec in records if record else ():  # their buffers lag: opt.state[p] reads the current state
+            for p in rec["params"]:
+                if type(self.state[p]) is not _ParamState:
+                    self.state[p] = _ParamState(self.state[p], self)
 
     def _model_update(self, record: bool):
         if self.fused:
@@ -961,6 +999,44 @@ class HyperOptimizer(RuleOptimizer):
     def __repr__(self):
         return (f"HyperOptimizer({self.family.name}, learn={list(self.learn)}, tower={self.tower}, "
                 f"share={self.share!r}, backend={self.backend!r})")
+
+
+class _ParamState(dict):
+    """``opt.state[p]`` of a parameter in a recorded bucket on the fused path.
+
+    There the bucket's buffers hold the state *before* the last update (the next vjp recomputes that
+    update from them, and the next update advances them: ``hypergrad/fused.py``). Read through this
+    mapping (``[]``, ``get``, ``items``, ``values``), a buffer is the current state, as in
+    ``state_dict()`` and on the other paths: computed from those buffers on first access after a step
+    (``HyperOptimizer._current_buffer``), a new tensor, so writing into it does not change the
+    optimizer. Entries that are current already (any other path, a bucket not recorded) come back as
+    stored. Pickled or copied, it becomes a plain dict of the current values."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, data: Mapping, owner: "HyperOptimizer"):
+        super().__init__(data)
+        self._owner = weakref.ref(owner)
+
+    def __getitem__(self, key):
+        value = dict.__getitem__(self, key)
+        owner = self._owner()
+        return owner._current_buffer(value) if owner is not None and isinstance(value, Tensor) else value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def copy(self):
+        return dict(self.items())
+
+    def __reduce__(self):
+        return dict, (dict(self.items()),)
 
 
 def _record(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

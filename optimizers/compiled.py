@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP as _SYMPY_INTERP
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TensorKernel", "segments", "segment_tensors", "cat_flat", "SMALL_TENSOR"]
+__all__ = ["TensorKernel", "BoundKernel", "segments", "segment_tensors", "cat_flat", "SMALL_TENSOR"]
 
 
 class TensorKernel:
@@ -64,6 +64,7 @@ class TensorKernel:
         # (dtype, shape, stride, storage offset, device) of every argument -> its signature and the
         # compilation that serves it: one dict lookup per call once a layout has been seen
         self._calls: Dict[Tuple, Tuple[_Signature, Callable]] = {}
+        self._bound_calls: Dict[Tuple, Tuple[_Signature, Callable]] = {}  # the same, for BoundKernel
 
     def __call__(self, *tensors: Tensor):
         layout = tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors)
@@ -75,6 +76,13 @@ class TensorKernel:
         args += [torch.stack([tensors[i] for i in group]) for group in sig.scalar_groups]
         out = compiled(*args)
         return tuple(out) if sig.returns_tuple and sig.direct else out
+
+    def bind(self, *scalars: Tensor) -> "BoundKernel":
+        """The kernel with its trailing 0-D arguments given once: ``kern.bind(*scalars)(*tensors)`` is
+        ``kern(*tensors, *scalars)``. The scalars are stacked once, however many calls follow (the
+        segments of a bucket in one step share them), and a call's layout check covers only the
+        tensors."""
+        return BoundKernel(self, scalars)
 
     def compiled_graphs(self) -> int:
         """How many graphs this kernel has compiled (every signature and shape variant)."""
@@ -117,6 +125,34 @@ class TensorKernel:
         direct = self.route == "inductor" or (self.route == "auto" and all(
             t.device.type == "cpu" and t.is_contiguous() for t in example))
         return _Signature(graph, big, scalar_groups, direct, self.name)
+
+
+class BoundKernel:
+    """``TensorKernel.bind``: a kernel whose trailing 0-D arguments are fixed and already stacked."""
+
+    def __init__(self, kernel: TensorKernel, scalars: Sequence[Tensor]):
+        if any(t.dim() != 0 for t in scalars):
+            raise ValueError(f"kernel {kernel.name}: bind takes 0-D tensors only, got shapes "
+                             f"{[tuple(t.shape) for t in scalars]}")
+        self.kernel, self.scalars = kernel, tuple(scalars)
+        groups: Dict[Tuple, List[int]] = {}
+        for i, t in enumerate(self.scalars):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        # the same grouping, in the same order, as ``TensorKernel._trace`` makes of the full list
+        self._stacked = [torch.stack([self.scalars[i] for i in g]) for g in groups.values()]
+        self._kinds = tuple((kind, len(g)) for kind, g in groups.items())
+
+    def __call__(self, *tensors: Tensor):
+        kern = self.kernel
+        layout = (tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors), self._kinds)
+        hit = kern._bound_calls.get(layout)
+        if hit is None:
+            if any(t.dim() == 0 for t in tensors):
+                raise ValueError(f"kernel {kern.name}: a bound kernel takes its 0-D arguments from bind()")
+            hit = kern._bound_calls[layout] = kern._resolve(tensors + self.scalars)
+        sig, compiled = hit
+        out = compiled(*tensors, *self._stacked)
+        return tuple(out) if sig.returns_tuple and sig.direct else out
 
 
 class _Signature:

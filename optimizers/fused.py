@@ -108,10 +108,10 @@ class FusedKernel:
         bufs = [flat[n] for n in self.tensor_names]
         kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
         before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
-        args = (*before, *scalars.values(), t, *pre.values())
+        bound = kern.bind(*before, *scalars.values(), t, *pre.values())  # stacked once for all segments
         for off, n, idxs in segments(params):
             x, g, view, finish = segment_tensors(params, grads, off, n, idxs)
-            kern(x, g, *[view(b) for b in bufs], *args)
+            bound(x, g, *[view(b) for b in bufs])
             finish()
         if self.scalar_names:  # advanced once per bucket (they do not depend on the elements)
             # A one-element stand-in for the parameter-shaped buffers: the scalar ones depend on

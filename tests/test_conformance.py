@@ -14,7 +14,6 @@ Optimizers that learn their lr refuse an LR scheduler loudly (the scheduler woul
 """
 import copy
 import io
-import os
 
 import pytest
 import torch
@@ -78,10 +77,10 @@ OPTIMIZERS = (
         ("hyper:MADA/state64", lambda params: H.MADA(params, lr=1e-2, weight_decay=0.01, state_dtype=torch.float64)),
     ]
 )
-# Compile-heavy entries (minutes of CPU across the battery: every check compiles new variants of the
-# per-tensor vjp and update kernels) run only when HYPERGRAD_SLOW_TESTS=1.
-SLOW = {"hyper:MADA-fused"}
-RUN_SLOW = os.environ.get("HYPERGRAD_SLOW_TESTS", "") == "1"
+# The fused hyper-learning entry compiles new variants of its kernels in many checks: ~55 s with
+# a cold Inductor cache, a few seconds warm. It runs by default (it used to be opt-in, and two
+# bugs of the fused path hid there: opt.state[p] read the lagging buffers, and an optimizer whose
+# only group was empty at its first step crashed at its second).
 NAMES = [n for n, _ in OPTIMIZERS]
 FACTORY = dict(OPTIMIZERS)
 HYPER = [n for n in NAMES if n.startswith("hyper:")]
@@ -95,8 +94,6 @@ def cases(**marks_by_reason):
     for name in NAMES:
         marks = [pytest.mark.xfail(strict=True, raises=raises, reason=reason)
                  for reason, (names, raises) in marks_by_reason.items() if name in names]
-        if name in SLOW and not RUN_SLOW:
-            marks.append(pytest.mark.skip(reason="compile-heavy entry: set HYPERGRAD_SLOW_TESTS=1 to run it"))
         out.append(pytest.param(name, id=name, marks=marks))
     return out
 
@@ -255,8 +252,11 @@ def test_non_contiguous_and_zero_dim_parameters(name):
         if torch.is_tensor(buf):
             assert buf.dim() == 0, key
     torch.testing.assert_close(flat([w, s, b]), flat([wc, sc, bc]), rtol=0, atol=1e-12)
+    # Learned coefficients: sums over all elements (the hypergradient), which the strided and the
+    # contiguous layouts reduce in different orders (on the fused path: different compiled kernels),
+    # then amplified by the hyper-level Adam; float64 round-off stays ~1e-12.
     for a, c in zip(hyper_view(opt), hyper_view(opt_c)):
-        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-11)
 
 
 @pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR"])
@@ -381,16 +381,9 @@ def test_closure_step_returns_the_loss(name):
     assert torch.equal(flat(model.parameters()), flat(manual_model.parameters()))
 
 
-# Each new dtype is another compilation of the fused kernels (~3 s of CPU per graph for MADA, 2-4
-# graphs): fused float32 runs with adamw only; fused MADA is checked in float64 here and in test_fused.py.
-COMPILE_BUDGET = {("fused:mada", torch.float32), ("hyper:MADA-fused", torch.float32)}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", cases())
 def test_float32_and_float64(name, dtype):
-    if (name, dtype) in COMPILE_BUDGET and not RUN_SLOW:
-        pytest.skip("compile-time budget: fused float32 is covered by fused:adamw")
     model = make_model(dtype)
     opt = FACTORY[name](model.parameters())
     data = batches(1, dtype) * 15

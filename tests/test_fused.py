@@ -230,6 +230,53 @@ def test_fused_hyper_state_dict_holds_the_current_state():
     assert (torch.cat(opt_e._q) - torch.cat(opt_f._q)).abs().max().item() <= 1e-12
 
 
+def test_fused_hyper_opt_state_reads_the_current_state():
+    """``opt.state[p]`` on the fused path reads the current state, as on the eager path, although the
+    recorded buckets' buffers lag one update behind (float64, equal to the eager engine's to 1e-12);
+    the read does not disturb the run; a parameter that misses a step shows the same state before and
+    after it; pickled or deep-copied, the state holds the current values."""
+    import copy
+    import pickle
+
+    import hypergrad as H
+    from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
+
+    names = O.get_rule("mada").state_names
+    runs = {}
+    for fused in (False, True):
+        model, loss_fns = builtin_problem(8, seed=4)
+        opt = H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, fused=fused, **MADA_INTERIOR)
+        params = list(model.parameters())
+        for i, loss_fn in enumerate(loss_fns[:6]):
+            opt.zero_grad()
+            loss_fn(model).backward()
+            if i == 4:  # the last parameter misses this step: its state must read the same before and after
+                params[-1].grad = None
+                before = {n: opt.state[params[-1]][n].clone() for n in names}
+            opt.step()
+            if i == 4:
+                for n in names:
+                    assert torch.equal(opt.state[params[-1]][n], before[n]), (fused, n)
+        runs[fused] = (params, opt)
+    (p_e, opt_e), (p_f, opt_f) = runs[False], runs[True]
+    assert opt_f._records0 is not None and type(opt_f.state[p_f[0]]).__name__ == "_ParamState"
+    for a, b in zip(p_e, p_f):
+        for n in names:
+            assert (opt_e.state[a][n] - opt_f.state[b][n]).abs().max().item() <= 1e-12, n
+            assert (dict(opt_e.state[a].items())[n] - opt_f.state[b].get(n)).abs().max().item() <= 1e-12, n
+        assert opt_f.state[b]["step"] == opt_e.state[a]["step"]
+    assert opt_f.state[p_f[0]]["m"].abs().max().item() > 0
+    sd = opt_f.state_dict()["state"]
+    for i, b in enumerate(p_f):
+        for n in names:
+            assert torch.equal(sd[i][n], opt_f.state[b][n]), n
+    for clone in (copy.deepcopy(opt_f), pickle.loads(pickle.dumps(opt_f))):
+        for b in clone.param_groups[0]["params"]:
+            assert type(clone.state[b]) is dict
+        for a, b in zip(p_e, clone.param_groups[0]["params"]):
+            assert (opt_e.state[a]["m"] - clone.state[b]["m"]).abs().max().item() <= 1e-12
+
+
 @pytest.mark.parametrize("record,lagging", [(True, True), (True, False), (False, True), (False, False)])
 def test_fused_hyper_update_kernel_equals_its_eager_definition(record, lagging):
     """Each variant of the compiled hyper update kernel (advance the buffers past the recorded
