@@ -48,8 +48,10 @@ report (``"kind": "all"``) and, with ``--doc``, the markdown page generated from
 per candidate, counted from the code and measured, and the peak memory above the model, (c) the
 bytes each step must move per parameter and the ratio to fused AdamW that this floor implies, (d) the
 whole train step (forward, backward, step) on the demo GPT and on nanoGPT's Shakespeare config,
-(e) step time against parameter count (MLPs of 1M to 50M parameters) and (f) the cost of each
-extra level of a hyper-optimizer tower. See ``run_all`` for the knobs and ``write_doc`` for the page.
+(e) step time against parameter count (MLPs of 1M to 50M parameters), (f) the cost of each
+extra level of a hyper-optimizer tower and (g) the two compiled kernels of the hyper-learning step
+timed alone against their bandwidth floors (``kernel_table``). See ``run_all`` for the knobs and
+``write_doc`` for the page.
 """
 from __future__ import annotations
 
@@ -814,6 +816,76 @@ def mlp_width(target_params: float) -> int:
     return max(32, int(round(h / 32)) * 32)
 
 
+class _Call:
+    """A kernel call with the ``.step()`` that ``time_steps`` times."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.step = fn
+
+
+def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed: int = 0,
+                 progress: bool = True) -> dict:
+    """(g) The two compiled kernels of a fused hyper-learning MADA step, each timed alone on one flat
+    float32 tensor of ``numel`` elements (no Python loop over tensors, no packing), interleaved with
+    ``torch.optim.AdamW(fused=True)`` on a tensor of the same size and with the plain MADA update kernel:
+
+    * ``vjp``: the partial hypergradient of the recorded update (reads the S buffers before it, its
+      gradient and the new gradient: S + 2), ``HyperKernels.partial_for``;
+    * ``update``: the model update that first advances the buffers past the recorded update, then
+      records this one (reads S + 3, writes S + 2), ``HyperKernels.update_for``;
+    * ``rule``: the fixed-coefficient MADA update (2S + 3), ``FusedKernel``.
+
+    *floor B/p* as in table (a); *efficiency* = floor x / measured x: near 1 a kernel moves bytes as
+    fast as fused AdamW does, well below 1 it is bound by its arithmetic instead."""
+    from hypergrad.fused import HyperKernels
+    from optimizers.fused import FusedKernel
+
+    fam = family("mada")
+    names, S = fam.state_names, len(fam.state_names)
+    learn = tuple(n for n, c in fam.coefficients.items() if c.learnable)
+    gen = torch.Generator().manual_seed(seed)
+    f32 = dict(dtype=torch.float32, device=device)
+
+    def randn(scale):
+        return (torch.randn(numel, generator=gen) * scale).to(**f32)
+
+    x, g, g_last = randn(1.0), randn(1e-2), randn(1e-2)
+    g_store = torch.empty(numel, **f32)
+    states = [(torch.rand(numel, generator=gen) * 1e-4).to(**f32) for _ in names]
+    rule_states = {n: b.clone() for n, b in zip(names, states)}
+    x_rule = x.clone()
+    f64 = dict(dtype=torch.float64, device=device)
+    h = {n: torch.tensor(float(c.init), **f64) for n, c in fam.coefficients.items()}
+    h.update(beta3=torch.tensor(0.1, **f64), c=torch.tensor(0.9, **f64), gamma=torch.tensor(0.9, **f64),
+             lr=torch.tensor(LR, **f64), weight_decay=torch.tensor(WEIGHT_DECAY, **f64))
+    t_old, t = torch.tensor(4.0, **f64), torch.tensor(5.0, **f64)
+    kern = HyperKernels(fam, "decoupled", learn)
+    q = torch.stack([h[n] for n in learn]).to(torch.float32)
+    vjp = kern.partial_for({n: v for n, v in h.items() if n not in learn}, t_old)
+    pre, pre_old = kern.scalars(h, t), kern.scalars(h, t_old)
+    update = kern.update_for(h, t, pre, (h, t_old, pre_old), True)
+    rule = FusedKernel(fam, "decoupled")
+    p_adamw = torch.nn.Parameter(x.clone())
+    p_adamw.grad = g.clone()
+    adamw = torch.optim.AdamW([p_adamw], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    calls = {FUSED: adamw,
+             "vjp": _Call(lambda: vjp(g_last, states, g, q)),
+             "update": _Call(lambda: update(x, g, states, g_last, g_store)),
+             "rule": _Call(lambda: rule([x_rule], [g], rule_states, h, 5.0))}
+    floors = {FUSED: 7, "vjp": S + 2, "update": 2 * S + 5, "rule": 2 * S + 3}
+    times = time_steps(calls, steps, warmup, progress, device=device, desc=f"kernels {numel / 1e6:.1f}M")
+    ref = statistics.median(times[FUSED])
+    results = {}
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        floor_x = floors[n] / 7
+        results[n] = {"median_ms": med, "ratio_to_fused": med / ref,
+                      "paired_ratio_to_fused": paired_ratio(ts, times[FUSED]), "n": len(ts),
+                      "floor_bytes": floors[n], "floor_ratio": floor_x, "floor_efficiency": floor_x / (med / ref),
+                      "achieved_gb_s": floors[n] * numel * 4 / (med / 1e3) / 1e9}
+    return {"numel": numel, "states": S, "steps": steps, "results": results}
+
+
 def scaling_table(sizes_m: Sequence[float], names: Sequence[str], steps: int, warmup: int, device: torch.device,
                   seed: int = 0, progress: bool = True) -> dict:
     """(e) Step time against parameter count: square 3-layer MLPs, interleaved candidates per size."""
@@ -1015,15 +1087,16 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
             scaling_sizes: Sequence[float] = (1, 5, 10, 25, 50), scaling_steps: int = 6,
             scaling_candidates: Sequence[str] = SCALING_CANDIDATES, tower_model: Optional[str] = "gpt10m",
             tower_steps: int = 30, tower_fused: bool = True, tower_small_model: Optional[str] = "tiny",
-            tower_small_steps: int = 60, device: Optional[torch.device] = None, seed: int = 0,
-            progress: bool = True) -> dict:
+            tower_small_steps: int = 60, kernel_numel: int = 10_500_000, kernel_steps: int = 15,
+            device: Optional[torch.device] = None, seed: int = 0, progress: bool = True) -> dict:
     """Every measurement of issue #5 in one process; returns the report (``"kind": "all"``).
 
     ``train``: ``(label, model, batch, project_batch, timed rounds[, autocast dtype])`` per whole-train-step
     table
     (``project_batch``: also give the ratio projected to that batch size, forward/backward scaled
     linearly). ``tower_small_model``: the tower table again on this (small) model, eager path, to
-    resolve the absolute cost of a level. Empty sequences / None skip a phase.
+    resolve the absolute cost of a level. ``kernel_numel``: size of the flat tensor of the kernel
+    table (g). Empty sequences / None / 0 skip a phase.
     """
     device = torch.device(device) if device is not None else default_device()
     _check_rules_covered()
@@ -1054,6 +1127,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
     if tower_small_model:
         report["tower_small"] = phase("tower small", tower_table, tower_small_model, tower_small_steps, warmup, device,
                                       False, seed, progress)
+    if kernel_numel:
+        report["kernels"] = phase("kernels", kernel_table, kernel_numel, kernel_steps, warmup, device, seed, progress)
     if scaling_sizes:
         report["scaling"] = phase("scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
                                   seed, progress)
@@ -1072,7 +1147,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                         "grad": "fixed N(0, 1e-2), set once (step, memory, scaling, tower tables)", "seed": seed,
                         "steps": steps, "slow_steps": slow_steps, "warmup": warmup,
                         "train": [list(t) for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
-                        "tower_small_steps": tower_small_steps}
+                        "tower_small_steps": tower_small_steps, "kernel_numel": kernel_numel,
+                        "kernel_steps": kernel_steps}
     report["phases"] = phases
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["verdicts"] = verdicts(report)
@@ -1368,6 +1444,32 @@ def write_doc(report: dict, path: Path) -> str:
               + ", ".join(f"{d} {e:+.3%}" for d, e in est.items()) + ".")
             w("")
 
+    kt = report.get("kernels")
+    if kt:
+        w("## (g) The two kernels of the hyper-learning step")
+        w("")
+        w(f"Each kernel alone on one flat float32 tensor of {kt['numel'] / 1e6:.1f}M elements (no Python loop over "
+          f"tensors, no packing), interleaved with fused AdamW on a tensor of the same size, {kt['steps']} timed "
+          f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read); "
+          f"*update*: advance past the recorded update, apply and record this one ({2 * kt['states'] + 5}); "
+          f"*rule*: the fixed-coefficient MADA update ({2 * kt['states'] + 3}). *efficiency* = floor x / measured x: "
+          "near 1 the kernel moves its bytes as fast as fused AdamW moves its own; well below 1 it is bound by "
+          "its arithmetic, not by memory.")
+        w("")
+        w("| kernel | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency | GB/s |")
+        w("|---|---:|---:|---|---:|---:|---:|---:|")
+        for n, r in kt["results"].items():
+            pr = r["paired_ratio_to_fused"]
+            w(f"| {n} | {r['median_ms']:.1f} | {r['ratio_to_fused']:.2f} | {pr['median']:.2f} ({pr['p25']:.2f}-"
+              f"{pr['p75']:.2f}) | {r['floor_bytes']} | {r['floor_ratio']:.2f} | {r['floor_efficiency']:.2f} "
+              f"| {r['achieved_gb_s']:.1f} |")
+        w("")
+        vj, up = kt["results"]["vjp"], kt["results"]["update"]
+        w(f"The two kernels of a step together: {vj['ratio_to_fused'] + up['ratio_to_fused']:.2f}x fused AdamW "
+          f"against a floor of {vj['floor_ratio'] + up['floor_ratio']:.2f}x; the vjp kernel runs at "
+          f"{vj['floor_efficiency']:.2f} of its bandwidth floor and the update at {up['floor_efficiency']:.2f}.")
+        w("")
+
     w("## Phases")
     w("")
     w("| phase | seconds | load before | load after |")
@@ -1426,6 +1528,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a.add_argument("--tower-small-model", default="tiny",
                    help="model of the small tower table (eager path; resolves a level's cost) ('' to skip)")
     a.add_argument("--tower-small-steps", type=int, default=60, help="timed rounds of the small tower table")
+    a.add_argument("--kernel-numel", type=float, default=10.5e6,
+                   help="elements of the flat tensor of the kernel table (g); default 10.5e6 (0 to skip)")
+    a.add_argument("--kernel-steps", type=int, default=15, help="timed rounds of the kernel table; default 15")
     return p.parse_args(argv)
 
 
@@ -1449,6 +1554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          scaling_sizes=args.scaling_sizes, scaling_steps=args.scaling_steps,
                          tower_model=args.tower_model or None, tower_steps=args.tower_steps,
                          tower_small_model=args.tower_small_model or None, tower_small_steps=args.tower_small_steps,
+                         kernel_numel=int(args.kernel_numel), kernel_steps=args.kernel_steps,
                          device=args.device, seed=args.seed, progress=not args.no_progress)
         report["argv"] = argv_list
         report["out"] = os.path.relpath(args.out, REPO_ROOT) if args.out.is_absolute() else str(args.out)

@@ -111,6 +111,16 @@ def test_bench_step_end_to_end(tmp_path, capsys):
     assert "| mada |" in capsys.readouterr().out
 
 
+def test_bench_step_kernel_table():
+    """(g): each kernel of the hyper step is timed next to fused AdamW, with its bandwidth floor."""
+    tab = bench_step.kernel_table(5000, steps=2, warmup=1, device=torch.device("cpu"), progress=False)
+    assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule"} and tab["states"] == 6
+    floors = {n: r["floor_bytes"] for n, r in tab["results"].items()}
+    assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 17, "rule": 15}
+    for r in tab["results"].values():
+        assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
+
+
 def test_bench_step_only_and_registry(tmp_path):
     calls = []
 
@@ -173,8 +183,9 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
                                     ("bf16", "tiny", 2, None, 2, torch.bfloat16)),
         train_candidates=("torch_adamw_fused", "mada", "mada_hyper"), scaling_sizes=(0.005, 0.01), scaling_steps=2,
         scaling_candidates=("torch_adamw_fused", "mada"), tower_model="tiny", tower_steps=2, tower_fused=False,
-        tower_small_model="tiny", tower_small_steps=2, device=cpu, progress=False)
+        tower_small_model="tiny", tower_small_steps=2, kernel_numel=5000, kernel_steps=2, device=cpu, progress=False)
     assert report["kind"] == "all"
+    assert report["kernels"]["results"]["vjp"]["floor_bytes"] == 8
     step = report["step"]["tiny"]["results"]
     assert step["torch_adamw_fused"]["ratio_to_fused"] == 1.0 and step["mada_hyper"]["group"] == "slow"
     assert step["mada"]["floor_bytes"] == 15 and step["mada"]["ratio_to_fused"] > 0
@@ -195,7 +206,8 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
     doc = tmp_path / "performance.md"
     text = bench_step.write_doc(report, doc)
     assert doc.read_text() == text
-    for heading in ("## Verdicts", "## (a)", "## (b)", "## (d)", "## (e)", "## (f)", report["torch"]):
+    for heading in ("## Verdicts", "## (a)", "## (b)", "## (d)", "## (e)", "## (f)", "## (g)", "| vjp |",
+                    report["torch"]):
         assert heading in text
     assert "| mada_hyper | hyper eager |" in text
     assert "forward in torch.bfloat16 autocast" in text and "tokens/s" in text
