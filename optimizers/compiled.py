@@ -26,7 +26,6 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP as _SYMPY_INTERP
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +62,19 @@ class TensorKernel:
         self._signatures: Dict[Tuple, _Signature] = {}
         # (dtype, shape, stride, storage offset, device) of every argument -> its signature and the
         # compilation that serves it: one dict lookup per call once a layout has been seen
-        self._calls: Dict[Tuple, Tuple[_Signature, Callable]] = {}
-        self._bound_calls: Dict[Tuple, Tuple[_Signature, Callable]] = {}  # the same, for BoundKernel
+        self._calls: Dict[Tuple, Tuple[_Signature, Callable, bool]] = {}
+        self._bound_calls: Dict[Tuple, Tuple[_Signature, Callable, bool]] = {}  # the same, for BoundKernel
 
     def __call__(self, *tensors: Tensor):
         layout = tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors)
         hit = self._calls.get(layout)
         if hit is None:
             hit = self._calls[layout] = self._resolve(tensors)
-        sig, compiled = hit
+        sig, compiled, direct = hit
         args = [tensors[i] for i in sig.big]
         args += [torch.stack([tensors[i] for i in group]) for group in sig.scalar_groups]
         out = compiled(*args)
-        return tuple(out) if sig.returns_tuple and sig.direct else out
+        return tuple(out) if direct and sig.returns_tuple else out  # (Inductor's own call returns a list)
 
     def bind(self, *scalars: Tensor) -> "BoundKernel":
         """The kernel with its trailing 0-D arguments given once: ``kern.bind(*scalars)(*tensors)`` is
@@ -92,13 +91,13 @@ class TensorKernel:
         """The route of each signature compiled so far ('inductor' or 'dynamo')."""
         return ["inductor" if s.direct else "dynamo" for s in self._signatures.values()]
 
-    def _resolve(self, tensors: Tuple[Tensor, ...]) -> Tuple["_Signature", Callable]:
+    def _resolve(self, tensors: Tuple[Tensor, ...]) -> Tuple["_Signature", Callable, bool]:
         key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors)
         sig = self._signatures.get(key)
         if sig is None:
             sig = self._signatures[key] = self._trace(tensors)
         args = [tensors[i] for i in sig.big] + [torch.stack([tensors[i] for i in g]) for g in sig.scalar_groups]
-        return sig, sig.compiled_for(args)
+        return (sig, *sig.compiled_for(args))
 
     def _trace(self, tensors: Tuple[Tensor, ...]) -> "_Signature":
         big = [i for i, t in enumerate(tensors) if t.dim() > 0]
@@ -150,9 +149,9 @@ class BoundKernel:
             if any(t.dim() == 0 for t in tensors):
                 raise ValueError(f"kernel {kern.name}: a bound kernel takes its 0-D arguments from bind()")
             hit = kern._bound_calls[layout] = kern._resolve(tensors + self.scalars)
-        sig, compiled = hit
+        sig, compiled, direct = hit
         out = compiled(*tensors, *self._stacked)
-        return tuple(out) if sig.returns_tuple and sig.direct else out
+        return tuple(out) if direct and sig.returns_tuple else out
 
 
 class _Signature:
@@ -164,16 +163,15 @@ class _Signature:
         self.returns_tuple = isinstance(_graph_output(graph), (tuple, list))
         self.compilations = 0
         self._dynamo: Optional[Callable] = None
-        self._variants: List[Tuple[Callable, object]] = []  # (compiled, compiled guard expression)
+        self._variants: List[Tuple[Callable, Callable[[Sequence[Tensor]], bool]]] = []  # (compiled, its guards)
 
-    def compiled_for(self, args: List[Tensor]) -> Callable:
-        """The compilation serving arguments like ``args``: a direct one whose guards they pass
-        (compiled now if none does), or the Dynamo one."""
+    def compiled_for(self, args: List[Tensor]) -> Tuple[Callable, bool]:
+        """The compilation serving arguments like ``args`` and whether it is a direct one: a direct one
+        whose guards they pass (compiled now if none does), or the Dynamo one."""
         if self.direct:
-            scope = {"L": {f"t{i}": a for i, a in enumerate(args)}}
             for compiled, guards in self._variants:
-                if eval(guards, _SYMPY_INTERP, scope):
-                    return compiled
+                if guards(args):
+                    return compiled, True
             try:
                 compiled, guards = _compile_direct(self.graph, args, len(self.big))
             except Exception as exc:  # an Inductor limitation: the Dynamo route handles every graph
@@ -183,26 +181,27 @@ class _Signature:
             else:
                 self.compilations += 1
                 self._variants.append((compiled, guards))
-                return compiled
+                return compiled, True
         if self._dynamo is None:
             self._dynamo = torch.compile(self.graph, dynamic=True, fullgraph=True)
             self.compilations += 1
-        return self._dynamo
+        return self._dynamo, False
 
 
 def _graph_output(graph) -> object:
     return next(node for node in graph.graph.nodes if node.op == "output").args[0]
 
 
-def _compile_direct(graph, args: Sequence[Tensor], n_big: int):
+def _compile_direct(graph, args: Sequence[Tensor], n_big: int) -> Tuple[Callable, Callable[[Sequence[Tensor]], bool]]:
     """Inductor's compilation of ``graph`` for arguments like ``args`` (dynamic sizes and offsets for
-    the first ``n_big``, the tensors; static ones for the stacked scalar vectors after them), and the compiled expression of every
-    guard it assumed, static ones included (sizes, strides, storage offsets), which arguments must
-    pass to use it. No 0/1 specialization and no duck sizing: a size or offset that happens to be
+    the first ``n_big``, the tensors; static ones for the stacked scalar vectors after them), and a
+    check of every guard it assumed, static ones included (sizes, strides, storage offsets), which
+    arguments must pass to use it. No 0/1 specialization and no duck sizing: a size or offset that happens to be
     0, 1 or equal to another is not baked in."""
+    # Private torch APIs (pinned torch): any failure here sends the kernel to the Dynamo route.
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
 
     shape_env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
     mode = FakeTensorMode(shape_env=shape_env)
@@ -212,8 +211,12 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int):
     with torch.no_grad():
         compiled = compile_fx(copy.deepcopy(graph), fakes)
     code = shape_env.produce_guards_expression(fakes, ignore_static=False) or "True"
-    guards = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
-    if not eval(guards, _SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(args)}}):
+    expression = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
+
+    def guards(arguments: Sequence[Tensor]) -> bool:
+        return bool(eval(expression, SYMPY_INTERP, {"L": {f"t{i}": a for i, a in enumerate(arguments)}}))
+
+    if not guards(args):
         raise RuntimeError(f"the compiled kernel's guards reject the arguments it was compiled for: {code}")
     return compiled, guards
 

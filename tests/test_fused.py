@@ -425,3 +425,29 @@ def test_tensor_kernel_direct_route_equals_eager_and_dynamo():
         direct(torch.randn(300), torch.randn(200), s)
     with pytest.raises(ValueError, match="route"):
         TensorKernel(fn, "bad", route="fast")
+
+
+def test_tensor_kernel_falls_back_to_dynamo_when_the_direct_route_fails(monkeypatch, caplog):
+    """The direct route uses private torch APIs: if it fails to compile, the kernel says so (a logged
+    warning) and runs through torch.compile instead, with the same results."""
+    import logging
+
+    import optimizers.compiled as C
+
+    def fn(a, b, s):
+        b.add_(a * s)
+        return (a * b).sum(), a.sum()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Inductor API change")
+
+    monkeypatch.setattr(C, "_compile_direct", broken)
+    kern = C.TensorKernel(fn, "t_fallback")
+    a, b = torch.randn(300), torch.randn(300)
+    b_ref = b.clone()
+    with caplog.at_level(logging.WARNING, logger="optimizers.compiled"):
+        out = kern(a, b, torch.tensor(0.5, dtype=torch.float64))
+    expected = fn(a, b_ref, torch.tensor(0.5, dtype=torch.float64))
+    assert kern.routes() == ["dynamo"] and "simulated Inductor API change" in caplog.text
+    assert torch.equal(b, b_ref)
+    assert all(abs(x.item() - y.item()) <= 1e-4 for x, y in zip(out, expected))
