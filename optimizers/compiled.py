@@ -43,14 +43,17 @@ class TensorKernel:
 
     Compilation routes (``route``):
 
-    * ``"inductor"`` (CPU, contiguous arguments; the default there): the graph goes to Inductor
-      directly (``compile_fx`` on fake inputs with symbolic sizes), without Dynamo. Dynamo's frame
-      evaluation, guard tree and module-call wrappers cost ~60 us per call, more than the whole
-      update of a 20k-element tensor. Instead, the few guards Inductor's compilation records (sizes
-      equal, sizes >= 2, a reduction longer than a chunk...) are evaluated once per distinct set of
-      argument shapes; shapes that fail them get a compilation of their own.
+    * ``"inductor"`` (CPU, contiguous arguments; ``"auto"`` picks it there): the graph goes to
+      Inductor directly (``compile_fx`` on fake inputs with symbolic sizes and storage offsets),
+      without Dynamo, whose frame evaluation, guard tree and module-call wrappers cost ~60 us per
+      call, more than the whole update of a 20k-element tensor. Instead, every guard Inductor's
+      compilation recorded (sizes equal, sizes >= 2, a reduction longer than a chunk, strides...)
+      is evaluated once per argument layout (dtypes, shapes, strides, storage offsets, devices);
+      a layout that fails them gets a compilation of its own.
     * ``"dynamo"``: ``torch.compile(graph, dynamic=True, fullgraph=True)`` (GPUs, strided arguments,
-      and the fallback if the direct route fails to compile).
+      and the fallback, with a logged warning, if the direct compilation fails).
+
+    ``kern.bind(*scalars)`` fixes the trailing 0-D arguments for many calls (``BoundKernel``).
     """
 
     def __init__(self, fn: Callable[..., object], name: str, route: str = "auto"):
