@@ -193,8 +193,6 @@ class HyperKernels:
         """The model update of one tensor or packed run; see ``_update``. ``last``: ``(h, t,
         precomputed)`` of the recorded update when ``states`` hold the state before it (``g_last``:
         its gradient); ``g_store``: where this update's gradient goes when it is recorded."""
-        if (last is None) != (g_last is None):
-            raise ValueError("g_last and last go together")
         self.update_for(h, t, precomputed, last, g_store is not None)(x, g, states, g_last, g_store)
 
     def update_for(self, h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
@@ -208,7 +206,7 @@ class HyperKernels:
 
         def run(x, g, states, g_last, g_store):
             if (g_last is None) != (last is None) or (g_store is None) == record:
-                raise ValueError("update_for: g_last goes with last, g_store with record")
+                raise ValueError("g_last and last go together, and g_store with record")
             bound(x, g, *states, *(b for b in (g_last, g_store) if b is not None))
 
         return run

@@ -384,7 +384,6 @@ class HyperOptimizer(RuleOptimizer):
         self._validate_all_groups()
         self._check_learned_lr_untouched()
         self._packed_grads = {}  # (filled by this step's vjp kernels only)
-        self._current_cache = {}  # the buffers move now
         # On the fused path the vjp kernels read every recorded gradient anyway and also return its
         # sum, so the non-finite check of those gradients costs no extra pass over them (it used
         # to cost a quarter of the step); only gradients outside the records are checked up front.
@@ -724,7 +723,6 @@ class HyperOptimizer(RuleOptimizer):
         self._adopt_records()
         d1 = torch.zeros_like(self._q[0])
         self._gradient_sums = []
-        self._packed_grads = {}
         q_of_set: Dict[object, Tensor] = {}
         sums: Dict[object, Tensor] = {}  # per coefficient set: its partial hypergradient
         learned = set(self.learn)
@@ -995,6 +993,7 @@ class HyperOptimizer(RuleOptimizer):
                                for r in hyper["level_records"]]
         self._graph_residual = None
         self._graph_chain = None
+        self._current_cache = {}  # (advanced copies of the replaced records)
 
     def __repr__(self):
         return (f"HyperOptimizer({self.family.name}, learn={list(self.learn)}, tower={self.tower}, "

@@ -33,13 +33,16 @@ __all__ = ["TensorKernel", "BoundKernel", "segments", "segment_tensors", "cat_fl
 
 
 class TensorKernel:
-    """``kernel(*tensors)``: ``fn`` traced once per signature (dtype, rank, contiguity and device of
-    each argument) into an FX graph, then compiled with dynamic shapes (one compilation serves every
-    size). ``fn`` must take tensors only and may not branch on their values.
+    """``kernel(*tensors, *scalars)``: ``fn`` traced once per signature (dtype, rank, contiguity and
+    device of each argument) into an FX graph, then compiled with dynamic shapes (one compilation
+    serves every size). ``fn`` must take tensors only, its 0-D ones (hyperparameters, the step) last,
+    and may not branch on their values.
 
-    0-D arguments (hyperparameters, the step) reach the compiled graph stacked into one vector per
-    dtype and device: Dynamo would otherwise guard each 0-D tensor's value (a host read per scalar
-    and call, a device synchronisation on a GPU).
+    The 0-D arguments reach the compiled graph stacked into one vector per dtype and device: Dynamo
+    would otherwise guard each 0-D tensor's value (a host read per scalar and call, a device
+    synchronisation on a GPU). ``kern.bind(*scalars)`` stacks them once for many calls
+    (``BoundKernel``: the segments of a bucket in one step share them); ``kern(*tensors, *scalars)``
+    is ``kern.bind(*scalars)(*tensors)``.
 
     Compilation routes (``route``):
 
@@ -52,8 +55,6 @@ class TensorKernel:
       a layout that fails them gets a compilation of its own.
     * ``"dynamo"``: ``torch.compile(graph, dynamic=True, fullgraph=True)`` (GPUs, strided arguments,
       and the fallback, with a logged warning, if the direct compilation fails).
-
-    ``kern.bind(*scalars)`` fixes the trailing 0-D arguments for many calls (``BoundKernel``).
     """
 
     def __init__(self, fn: Callable[..., object], name: str, route: str = "auto"):
@@ -63,27 +64,17 @@ class TensorKernel:
             raise ValueError(f"route must be 'auto', 'inductor' or 'dynamo', got {route!r}")
         self.fn, self.name, self.route = fn, name, route
         self._signatures: Dict[Tuple, _Signature] = {}
-        # (dtype, shape, stride, storage offset, device) of every argument -> its signature and the
-        # compilation that serves it: one dict lookup per call once a layout has been seen
+        # layout of the tensors (dtype, shape, stride, storage offset, device) and kinds of the
+        # scalars -> the signature and the compilation that serve them: one dict lookup per call
         self._calls: Dict[Tuple, Tuple[_Signature, Callable, bool]] = {}
-        self._bound_calls: Dict[Tuple, Tuple[_Signature, Callable, bool]] = {}  # the same, for BoundKernel
 
-    def __call__(self, *tensors: Tensor):
-        layout = tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors)
-        hit = self._calls.get(layout)
-        if hit is None:
-            hit = self._calls[layout] = self._resolve(tensors)
-        sig, compiled, direct = hit
-        args = [tensors[i] for i in sig.big]
-        args += [torch.stack([tensors[i] for i in group]) for group in sig.scalar_groups]
-        out = compiled(*args)
-        return tuple(out) if direct and sig.returns_tuple else out  # (Inductor's own call returns a list)
+    def __call__(self, *args: Tensor):
+        n = next((i for i, t in enumerate(args) if t.dim() == 0), len(args))
+        return self.bind(*args[n:])(*args[:n])
 
     def bind(self, *scalars: Tensor) -> "BoundKernel":
         """The kernel with its trailing 0-D arguments given once: ``kern.bind(*scalars)(*tensors)`` is
-        ``kern(*tensors, *scalars)``. The scalars are stacked once, however many calls follow (the
-        segments of a bucket in one step share them), and a call's layout check covers only the
-        tensors."""
+        ``kern(*tensors, *scalars)``; a call's layout check covers only the tensors."""
         return BoundKernel(self, scalars)
 
     def compiled_graphs(self) -> int:
@@ -94,39 +85,39 @@ class TensorKernel:
         """The route of each signature compiled so far ('inductor' or 'dynamo')."""
         return ["inductor" if s.direct else "dynamo" for s in self._signatures.values()]
 
-    def _resolve(self, tensors: Tuple[Tensor, ...]) -> Tuple["_Signature", Callable, bool]:
-        key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors)
+    def _resolve(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...],
+                 stacked: List[Tensor]) -> Tuple["_Signature", Callable, bool]:
+        key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors + scalars)
         sig = self._signatures.get(key)
         if sig is None:
-            sig = self._signatures[key] = self._trace(tensors)
-        args = [tensors[i] for i in sig.big] + [torch.stack([tensors[i] for i in g]) for g in sig.scalar_groups]
-        return (sig, *sig.compiled_for(args))
+            sig = self._signatures[key] = self._trace(tensors, scalars, stacked)
+        return (sig, *sig.compiled_for([*tensors, *stacked]))
 
-    def _trace(self, tensors: Tuple[Tensor, ...]) -> "_Signature":
-        big = [i for i, t in enumerate(tensors) if t.dim() > 0]
-        by_kind: Dict[Tuple, List[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.dim() == 0:
-                by_kind.setdefault((t.dtype, t.device), []).append(i)
-        scalar_groups = list(by_kind.values())
-        fn, n = self.fn, len(tensors)
+    def _trace(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...], stacked: List[Tensor]) -> "_Signature":
+        fn, groups = self.fn, scalar_groups(scalars)
 
         def unpacked(*args):
-            full: List[object] = [None] * n
-            for j, i in enumerate(big):
-                full[i] = args[j]
-            for vec, group in zip(args[len(big):], scalar_groups):
+            values: List[object] = [None] * len(scalars)
+            for vec, group in zip(args[len(tensors):], groups):
                 for m, i in enumerate(group):
-                    full[i] = vec[m]
-            return fn(*full)
+                    values[i] = vec[m]
+            return fn(*args[:len(tensors)], *values)
 
-        example = [tensors[i] for i in big] + [torch.stack([tensors[i] for i in g]) for g in scalar_groups]
+        example = [*tensors, *stacked]
         with torch.no_grad():  # an optimizer kernel: no autograd graph to record around it
             graph = make_fx(unpacked, tracing_mode="symbolic")(*example)  # fake copies: nothing is written
         graph.__class__.__name__ = self.name  # names the kernel in profiles and compile logs
         direct = self.route == "inductor" or (self.route == "auto" and all(
             t.device.type == "cpu" and t.is_contiguous() for t in example))
-        return _Signature(graph, big, scalar_groups, direct, self.name)
+        return _Signature(graph, len(tensors), direct, self.name)
+
+
+def scalar_groups(scalars: Sequence[Tensor]) -> List[List[int]]:
+    """Indices of ``scalars`` by (dtype, device), in order of first appearance: one stacked vector each."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, t in enumerate(scalars):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
 
 
 class BoundKernel:
@@ -134,35 +125,32 @@ class BoundKernel:
 
     def __init__(self, kernel: TensorKernel, scalars: Sequence[Tensor]):
         if any(t.dim() != 0 for t in scalars):
-            raise ValueError(f"kernel {kernel.name}: bind takes 0-D tensors only, got shapes "
-                             f"{[tuple(t.shape) for t in scalars]}")
+            raise ValueError(f"kernel {kernel.name}: the scalar arguments (after the tensors) must be 0-D, got "
+                             f"shapes {[tuple(t.shape) for t in scalars]}")
         self.kernel, self.scalars = kernel, tuple(scalars)
-        groups: Dict[Tuple, List[int]] = {}
-        for i, t in enumerate(self.scalars):
-            groups.setdefault((t.dtype, t.device), []).append(i)
-        # the same grouping, in the same order, as ``TensorKernel._trace`` makes of the full list
-        self._stacked = [torch.stack([self.scalars[i] for i in g]) for g in groups.values()]
-        self._kinds = tuple((kind, len(g)) for kind, g in groups.items())
+        groups = scalar_groups(self.scalars)
+        self._stacked = [torch.stack([self.scalars[i] for i in g]) for g in groups]
+        self._kinds = tuple((self.scalars[g[0]].dtype, self.scalars[g[0]].device, tuple(g)) for g in groups)
 
     def __call__(self, *tensors: Tensor):
         kern = self.kernel
         layout = (tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors), self._kinds)
-        hit = kern._bound_calls.get(layout)
+        hit = kern._calls.get(layout)
         if hit is None:
             if any(t.dim() == 0 for t in tensors):
-                raise ValueError(f"kernel {kern.name}: a bound kernel takes its 0-D arguments from bind()")
-            hit = kern._bound_calls[layout] = kern._resolve(tensors + self.scalars)
+                raise ValueError(f"kernel {kern.name}: 0-D arguments go last (or to bind())")
+            hit = kern._calls[layout] = kern._resolve(tensors, self.scalars, self._stacked)
         sig, compiled, direct = hit
         out = compiled(*tensors, *self._stacked)
-        return tuple(out) if direct and sig.returns_tuple else out
+        return tuple(out) if direct and sig.returns_tuple else out  # (Inductor's own call returns a list)
 
 
 class _Signature:
     """One signature (dtypes, ranks, contiguity, devices) of a ``TensorKernel``: its traced graph and
     its compilations."""
 
-    def __init__(self, graph, big: List[int], scalar_groups: List[List[int]], direct: bool, name: str):
-        self.graph, self.big, self.scalar_groups, self.name, self.direct = graph, big, scalar_groups, name, direct
+    def __init__(self, graph, n_tensors: int, direct: bool, name: str):
+        self.graph, self.n_tensors, self.name, self.direct = graph, n_tensors, name, direct
         self.returns_tuple = isinstance(_graph_output(graph), (tuple, list))
         self.compilations = 0
         self._dynamo: Optional[Callable] = None
@@ -176,7 +164,7 @@ class _Signature:
                 if guards(args):
                     return compiled, True
             try:
-                compiled, guards = _compile_direct(self.graph, args, len(self.big))
+                compiled, guards = _compile_direct(self.graph, args, self.n_tensors)
             except Exception as exc:  # an Inductor limitation: the Dynamo route handles every graph
                 log.warning("kernel %s: direct Inductor compilation failed (%s: %s); using torch.compile",
                             self.name, type(exc).__name__, exc)
