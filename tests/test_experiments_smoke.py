@@ -114,11 +114,54 @@ def test_bench_step_end_to_end(tmp_path, capsys):
 def test_bench_step_kernel_table():
     """(g): each kernel of the hyper step is timed next to fused AdamW, with its bandwidth floor."""
     tab = bench_step.kernel_table(5000, steps=2, warmup=1, device=torch.device("cpu"), progress=False)
-    assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule"} and tab["states"] == 6
+    assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule", "vjp_io", "update_io", "rule_io"}
+    assert tab["states"] == 6 and tab["reductions"] == 6
     floors = {n: r["floor_bytes"] for n, r in tab["results"].items()}
-    assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 17, "rule": 15}
+    assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 17, "rule": 15,
+                      "vjp_io": 8, "update_io": 17, "rule_io": 15}
     for r in tab["results"].values():
         assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
+
+
+@pytest.mark.parametrize("n_states, reductions", [(6, 6), (6, 3), (2, 4)])
+def test_bench_step_io_kernels_move_what_they_stand_for(n_states, reductions):
+    """The traffic-only kernels of table (g) read and write what the kernels they stand for do:
+    every output depends on every buffer read (a changed input changes it), every written buffer
+    is written, and the vjp's stand-in returns one sum per learned coefficient."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd():
+        return torch.rand(64, generator=gen, dtype=torch.float64)
+
+    g, g_last, states = rnd(), rnd(), [rnd() for _ in range(n_states)]
+    out = bench_step._vjp_io(g_last, g, *states, reductions=reductions)
+    assert out.shape == (reductions,)
+    for k, b in enumerate([g_last, g, *states]):
+        bumped = [t.clone() for t in (g_last, g, *states)]
+        bumped[k] += 1.0
+        assert not torch.equal(bench_step._vjp_io(*bumped, reductions=reductions), out), k
+    x, g_store = rnd(), torch.zeros(64, dtype=torch.float64)
+    before = [t.clone() for t in (x, *states)]
+    bench_step._update_io(x, g, g_last, g_store, *states)
+    assert torch.equal(g_store, g)
+    assert all(not torch.equal(a, b) for a, b in zip(before, (x, *states)))
+    before = [t.clone() for t in (x, *states)]
+    bench_step._rule_io(x, g, *states)
+    assert all(not torch.equal(a, b) for a, b in zip(before, (x, *states)))
+
+
+def test_bench_step_gradients_alternate_between_two_fixed_sets():
+    """Rounds alternate two fixed gradient sets (g - g_prev stays away from 0, as in training)."""
+    model = build_model("tiny", vocab_size=84)
+    before_round = bench_step.set_fixed_grads(model, seed=0)
+    grads = {}
+    for r in range(4):
+        before_round(r)
+        grads[r] = [p.grad for p in model.parameters()]
+    assert all(a is c for a, c in zip(grads[0], grads[2])) and all(b is d for b, d in zip(grads[1], grads[3]))
+    assert all(not torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    assert all(a.shape == p.shape and 0.005 < a.std().item() < 0.02 for a, p in zip(grads[1], model.parameters())
+               if a.numel() > 100)
 
 
 def test_bench_step_only_and_registry(tmp_path):
