@@ -1314,8 +1314,10 @@ def write_doc(report: dict, path: Path) -> str:
           "report, steps ran several times slower with 2 threads than with 1 on this machine under load); one thread "
           "gives the steadier ratios, at the price of absolute times an idle machine would beat with 2.")
     w("")
-    w("Setup common to the optimizer-step tables: float32 parameters, every `.grad` set once to fixed N(0, 1e-2) "
-      f"values, lr {cfg['lr']}, weight decay {cfg['weight_decay']} on matrices (`param_groups`), each candidate with "
+    w("Setup common to the optimizer-step tables: float32 parameters whose `.grad` alternates, round by round, "
+      "between two fixed sets of N(0, 1e-2) values (with a single fixed gradient, g - g_prev would be exactly 0 and "
+      "MADA's difference moment would decay through the float32 denormals, where arithmetic is ~100x slower), "
+      f"lr {cfg['lr']}, weight decay {cfg['weight_decay']} on matrices (`param_groups`), each candidate with "
       "its own state over the same parameters. Fused candidates compile during the untimed warm-up.")
     w("")
 
@@ -1464,7 +1466,8 @@ def write_doc(report: dict, path: Path) -> str:
     if sc:
         w("## (e) Step time against parameter count")
         w("")
-        w(f"Square 3-layer GELU MLPs (in = hidden = width, 10 outputs), fixed gradients, candidates interleaved, "
+        w(f"Square 3-layer GELU MLPs (in = hidden = width, 10 outputs), two alternating fixed gradients, "
+          "candidates interleaved, "
           f"median of {sc['steps']} rounds per size. *ms/M*: milliseconds per million parameters; linear scaling "
           "means a flat ms/M column (above a fixed per-step overhead at small sizes).")
         w("")
