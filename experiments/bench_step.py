@@ -260,9 +260,9 @@ def make_model(name: str, vocab_size: Optional[int] = None, device: Optional[tor
     return model.to(device) if device is not None else model
 
 
-def set_fixed_grads(model: torch.nn.Module, seed: int) -> Callable[[int], None]:
-    """Give every parameter a gradient from two fixed N(0, 1e-2) sets; returns ``before_round(r)``,
-    which points every ``.grad`` at set ``r % 2`` (no copy; ``time_steps`` calls it before each round).
+class GradientSets:
+    """Two fixed sets of N(0, 1e-2) gradients for a model's parameters; ``sets(r)`` points every
+    ``.grad`` at set ``r % 2`` (no copy; ``time_steps`` calls it before each round, untimed).
 
     1e-2 keeps squares far from denormals. Two sets keep ``g - g_prev`` away from zero, as in
     training: with one fixed gradient it is exactly 0 from the second step on, and MADA's difference
@@ -270,17 +270,27 @@ def set_fixed_grads(model: torch.nn.Module, seed: int) -> Callable[[int], None]:
     learned to ~2e-3 it crossed the float32 denormal range around step 14, where arithmetic on it
     costs ~100 cycles, and the hyper-learning steps 14-19 ran 2-3.5x slower than the others.
     """
-    gen = torch.Generator().manual_seed(seed)
-    params = list(model.parameters())
-    sets = [[(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2).to(p.device) for p in params]
-            for _ in range(2)]
 
-    def before_round(r: int) -> None:
-        for p, g in zip(params, sets[r % 2]):
+    def __init__(self, model: torch.nn.Module, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.params = list(model.parameters())
+        self.sets = [[(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2).to(p.device) for p in self.params]
+                     for _ in range(2)]
+        self(0)
+
+    def __call__(self, r: int) -> None:
+        for p, g in zip(self.params, self.sets[r % 2]):
             p.grad = g
 
-    before_round(0)
-    return before_round
+    @property
+    def gradients(self) -> List[torch.Tensor]:
+        """Every gradient tensor of both sets (not optimizer state: excluded from its byte counts)."""
+        return [g for gs in self.sets for g in gs]
+
+
+def set_fixed_grads(model: torch.nn.Module, seed: int) -> GradientSets:
+    """Give every parameter a gradient from set 0 of ``GradientSets(model, seed)``, and return it."""
+    return GradientSets(model, seed)
 
 
 def machine_info(device: Optional[torch.device] = None) -> dict:
@@ -356,7 +366,7 @@ def time_steps(optims: Dict[str, object], steps: int, warmup: int, progress: boo
     ``faults``, if given, receives each timed step's count of minor page faults per name: a step that
     allocates fresh large temporaries pays for them in page faults (kernel time), which fused
     kernels never do. On CUDA the device is synchronized before each timer reading.
-    ``before_round(r)``, if given, runs before round ``r``, untimed (``set_fixed_grads``'s gradient swap).
+    ``before_round(r)``, if given, runs before round ``r``, untimed (``GradientSets``: the gradient swap).
     """
     sync = _sync_fn(device)
     times: Dict[str, List[float]] = {name: [] for name in optims}
@@ -694,7 +704,7 @@ def step_table(model_name: str, names: Sequence[str], steps: int, warmup: int, s
     model = make_model(model_name, device=device)
     before_round = set_fixed_grads(model, seed)
     params = list(model.parameters())
-    exclude = params + [p.grad for p in params]
+    exclude = params + before_round.gradients
     pbytes = sum(p.numel() * p.element_size() for p in params)
     groups = param_groups(model, WEIGHT_DECAY)
     fast = [n for n in names if n in BASELINES or not is_slow(n)]
