@@ -288,11 +288,6 @@ class GradientSets:
         return [g for gs in self.sets for g in gs]
 
 
-def set_fixed_grads(model: torch.nn.Module, seed: int) -> GradientSets:
-    """Give every parameter a gradient from set 0 of ``GradientSets(model, seed)``, and return it."""
-    return GradientSets(model, seed)
-
-
 def machine_info(device: Optional[torch.device] = None) -> dict:
     info = {
         "platform": platform.platform(),
@@ -455,7 +450,7 @@ def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Opti
     names = _select(only)
     torch.manual_seed(seed)
     model = make_model(model_name, device=device)
-    before_round = set_fixed_grads(model, seed)
+    before_round = GradientSets(model, seed)
     optims = {}
     for name in names:
         # a fresh group list per optimizer: torch.optim.Optimizer stores (and mutates) the dicts
@@ -660,7 +655,7 @@ def memory_table(model_name: str, names: Sequence[str], device: torch.device, se
     ``steps`` steps (the hyper engines start learning at step 2, so step 3 is a steady step)."""
     torch.manual_seed(seed)
     model = make_model(model_name, device=device)
-    set_fixed_grads(model, seed)
+    GradientSets(model, seed)  # every .grad at set 0: the memory table needs no second set
     params = list(model.parameters())
     pbytes = sum(p.numel() * p.element_size() for p in params)
     exclude = params + [p.grad for p in params]
@@ -702,7 +697,7 @@ def step_table(model_name: str, names: Sequence[str], steps: int, warmup: int, s
     need no more precision). Ratios are to the fused AdamW of the same group."""
     torch.manual_seed(seed)
     model = make_model(model_name, device=device)
-    before_round = set_fixed_grads(model, seed)
+    before_round = GradientSets(model, seed)
     params = list(model.parameters())
     exclude = params + before_round.gradients
     pbytes = sum(p.numel() * p.element_size() for p in params)
@@ -819,7 +814,9 @@ def train_table(model_name: str, batch: int, names: Sequence[str], steps: int, w
 
 def _state_bytes(opt) -> int:
     """Bytes of the distinct tensor storages in an optimizer's ``state`` (and, for a hyper-optimizer,
-    its records and gradient buffers), parameters excluded."""
+    its records and gradient buffers), parameters excluded. Not ``reachable_bytes``: that walks every
+    object and, reading a fused hyper-optimizer's ``state`` item by item, materializes its lazily
+    computed current state (S buffers it does not keep); ``dict(s)`` copies the stored buffers."""
     seen, total = set(), 0
 
     def visit(obj):
@@ -870,24 +867,19 @@ def _vjp_io(g_last, g, *states, reductions: int):
     return torch.stack(sums)
 
 
-def _update_io(x, g, g_last, g_store, *states):
-    """Reads S + 3 buffers, writes S + 2 (the hyper update kernel's traffic)."""
-    diff = g - g_last
-    total = None
-    for b in states:
-        b.mul_(0.9).add_(diff * 0.1)
-        total = b if total is None else total + b
-    g_store.copy_(g)
-    x.add_(total * -1e-3)
-
-
 def _rule_io(x, g, *states):
-    """Reads S + 2 buffers, writes S + 1 (the fixed rule's traffic)."""
-    total = None
+    """Reads S + 2 buffers, writes S + 1 (the fixed rule's traffic): each buffer an EMA of ``g``, ``x``
+    moved by their sum."""
     for b in states:
         b.mul_(0.9).add_(g * 0.1)
-        total = b if total is None else total + b
-    x.add_(total * -1e-3)
+    x.add_(sum(states[1:], states[0]) * -1e-3)
+
+
+def _update_io(x, g, g_last, g_store, *states):
+    """Reads S + 3 buffers, writes S + 2 (the hyper update kernel's traffic): ``_rule_io`` on the
+    gradient difference, and the gradient recorded."""
+    _rule_io(x, g - g_last, *states)
+    g_store.copy_(g)
 
 
 def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed: int = 0,
@@ -975,7 +967,7 @@ def scaling_table(sizes_m: Sequence[float], names: Sequence[str], steps: int, wa
         h = mlp_width(m * 1e6)
         torch.manual_seed(seed)
         model = make_model("mlp10m", device=device, in_features=h, hidden=h, n_hidden_layers=3)
-        before_round = set_fixed_grads(model, seed)
+        before_round = GradientSets(model, seed)
         optims = {n: build_candidate(n, param_groups(model, WEIGHT_DECAY)) for n in names}
         times = time_steps(optims, steps, warmup, progress=progress, device=device, desc=f"scaling {m}M",
                            before_round=before_round)
@@ -1023,7 +1015,7 @@ def tower_table(model_name: str, steps: int, warmup: int, device: torch.device, 
     to the large model's step."""
     torch.manual_seed(seed)
     model = make_model(model_name, device=device)
-    before_round = set_fixed_grads(model, seed)
+    before_round = GradientSets(model, seed)
     optims = {FUSED: build_candidate(FUSED, param_groups(model, WEIGHT_DECAY))}
     for depth, tower in TOWERS.items():
         opt = _mada_hyper(fused, tower)(param_groups(model, WEIGHT_DECAY))

@@ -153,7 +153,7 @@ def test_bench_step_io_kernels_move_what_they_stand_for(n_states, reductions):
 def test_bench_step_gradients_alternate_between_two_fixed_sets():
     """Rounds alternate two fixed gradient sets (g - g_prev stays away from 0, as in training)."""
     model = build_model("tiny", vocab_size=84)
-    before_round = bench_step.set_fixed_grads(model, seed=0)
+    before_round = bench_step.GradientSets(model, seed=0)
     grads = {}
     for r in range(4):
         before_round(r)
