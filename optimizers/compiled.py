@@ -16,6 +16,9 @@ still cost ~60 us per call): Inductor compiles it for symbolic sizes and storage
 few guards that compilation assumed are evaluated once per distinct argument layout. Measured:
 a fused Adam step on the 10.7M-parameter char GPT (26 kernel calls) went from 1.69x to 1.28x
 ``torch.optim.AdamW(fused=True)`` (docs/performance.md).
+
+Kernels compiled on that route also prefetch the buffers they stream (``optimizers.prefetch``):
+a loop of many streams and much arithmetic otherwise leaves memory bandwidth unused.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from .prefetch import prefetching
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,12 @@ class TensorKernel:
     def routes(self) -> List[str]:
         """The route of each signature compiled so far ('inductor' or 'dynamo')."""
         return ["inductor" if s.direct else "dynamo" for s in self._signatures.values()]
+
+    def prefetched_streams(self) -> List[List[int]]:
+        """For each direct compilation so far, the number of buffers each of its C++ loops' kernels
+        prefetches (``optimizers.prefetch``); empty when this process had already loaded the same
+        compiled code (Inductor reuses the loaded module without compiling its source again)."""
+        return [streams for s in self._signatures.values() for streams in s.prefetched]
 
     def _resolve(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...],
                  stacked: List[Tensor]) -> Tuple["_Signature", Callable, bool]:
@@ -155,6 +166,7 @@ class _Signature:
         self.compilations = 0
         self._dynamo: Optional[Callable] = None
         self._variants: List[Tuple[Callable, Callable[[Sequence[Tensor]], bool]]] = []  # (compiled, its guards)
+        self.prefetched: List[List[int]] = []  # per direct compilation: buffers prefetched per C++ kernel
 
     def compiled_for(self, args: List[Tensor]) -> Tuple[Callable, bool]:
         """The compilation serving arguments like ``args`` and whether it is a direct one: a direct one
@@ -164,7 +176,7 @@ class _Signature:
                 if guards(args):
                     return compiled, True
             try:
-                compiled, guards = _compile_direct(self.graph, args, self.n_tensors)
+                compiled, guards, streams = _compile_direct(self.graph, args, self.n_tensors)
             except Exception as exc:  # an Inductor limitation: the Dynamo route handles every graph
                 log.warning("kernel %s: direct Inductor compilation failed (%s: %s); using torch.compile",
                             self.name, type(exc).__name__, exc)
@@ -172,6 +184,7 @@ class _Signature:
             else:
                 self.compilations += 1
                 self._variants.append((compiled, guards))
+                self.prefetched.append(streams)
                 return compiled, True
         if self._dynamo is None:
             self._dynamo = torch.compile(self.graph, dynamic=True, fullgraph=True)
@@ -183,12 +196,14 @@ def _graph_output(graph) -> object:
     return next(node for node in graph.graph.nodes if node.op == "output").args[0]
 
 
-def _compile_direct(graph, args: Sequence[Tensor], n_big: int) -> Tuple[Callable, Callable[[Sequence[Tensor]], bool]]:
+def _compile_direct(graph, args: Sequence[Tensor], n_big: int
+                    ) -> Tuple[Callable, Callable[[Sequence[Tensor]], bool], List[int]]:
     """Inductor's compilation of ``graph`` for arguments like ``args`` (dynamic sizes and offsets for
-    the first ``n_big``, the tensors; static ones for the stacked scalar vectors after them), and a
+    the first ``n_big``, the tensors; static ones for the stacked scalar vectors after them), a
     check of every guard it assumed, static ones included (sizes, strides, storage offsets), which
-    arguments must pass to use it. No 0/1 specialization and no duck sizing: a size or offset that happens to be
-    0, 1 or equal to another is not baked in."""
+    arguments must pass to use it, and the buffers prefetched by each of its C++ kernels
+    (``optimizers.prefetch``). No 0/1 specialization and no duck sizing: a size or offset that
+    happens to be 0, 1 or equal to another is not baked in."""
     # Private torch APIs (pinned torch): any failure here sends the kernel to the Dynamo route.
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -199,7 +214,8 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int) -> Tuple[Callable
     fakes = [mode.from_tensor(a.detach(), symbolic_context=StatelessSymbolicContext(
         dynamic_sizes=[DimDynamic.DYNAMIC if i < n_big else DimDynamic.STATIC] * a.dim()))
         for i, a in enumerate(args)]
-    with torch.no_grad():
+    streams: List[int] = []
+    with torch.no_grad(), prefetching(streams):
         compiled = compile_fx(copy.deepcopy(graph), fakes)
     code = shape_env.produce_guards_expression(fakes, ignore_static=False) or "True"
     expression = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
@@ -209,7 +225,7 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int) -> Tuple[Callable
 
     if not guards(args):
         raise RuntimeError(f"the compiled kernel's guards reject the arguments it was compiled for: {code}")
-    return compiled, guards
+    return compiled, guards, streams
 
 
 # A kernel call costs ~20-30 us (argument packing, Inductor's wrapper) whatever its size, and the

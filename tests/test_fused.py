@@ -451,3 +451,89 @@ def test_tensor_kernel_falls_back_to_dynamo_when_the_direct_route_fails(monkeypa
     assert kern.routes() == ["dynamo"] and "simulated Inductor API change" in caplog.text
     assert torch.equal(b, b_ref)
     assert all(abs(x.item() - y.item()) <= 1e-4 for x, y in zip(out, expected))
+
+
+_PREFETCH_SOURCE = """#include <torch/csrc/inductor/cpp_prefix.h>
+extern "C"  void  kernel(const double* in_ptr0,
+                       const float* in_ptr1,
+                       const float* in_ptr2,
+                       const double* in_ptr3,
+                       float* out_ptr0,
+                       double* out_ptr1,
+                       const int64_t ks0)
+{
+    {
+        for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(16L))
+        {
+            {
+                if(C10_LIKELY(x0 < ks0))
+                {
+                    auto tmp0 = in_ptr0[static_cast<int64_t>(2L)];
+                    auto tmp1 = at::vec::Vectorized<float>::loadu(in_ptr1 + static_cast<int64_t>(x0), static_cast<int64_t>(16));
+                    auto tmp2 = at::vec::Vectorized<float>::loadu(out_ptr0 + static_cast<int64_t>(x0), static_cast<int64_t>(16));
+                    auto tmp3 = at::vec::Vectorized<float>::loadu(in_ptr2 + static_cast<int64_t>(2L*x0), static_cast<int64_t>(16));
+                    auto tmp4 = [&]() { return tmp1 + tmp2 + tmp3; }();
+                    tmp4.store(out_ptr0 + static_cast<int64_t>(x0));
+                }
+            }
+        }
+    }
+    {
+        for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(16L))
+        {
+            auto tmp0 = at::vec::VectorizedN<double,2>::loadu(in_ptr3 + static_cast<int64_t>(x0), static_cast<int64_t>(16));
+            tmp0.store(out_ptr1 + static_cast<int64_t>(x0), static_cast<int64_t>(16));
+        }
+    }
+    {
+        for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(ks0); x0+=static_cast<int64_t>(1L))
+        {
+            out_ptr1[static_cast<int64_t>(x0)] = in_ptr3[static_cast<int64_t>(x0)];
+        }
+    }
+}
+"""
+
+
+def test_add_prefetch_hints_every_contiguous_stream_of_the_vectorized_loops():
+    """``add_prefetch`` (the software prefetch of ``optimizers.prefetch``) adds one hint per buffer
+    and cache line to each vectorized loop, for the buffers it loads or stores at the loop index only
+    (a strided read, a scalar loop and scalar arguments get none); stores are prefetched for writing.
+    A source of another shape comes back unchanged."""
+    from optimizers.prefetch import add_prefetch
+
+    new, streams = add_prefetch(_PREFETCH_SOURCE, distance=1024)
+    hints = [line.strip() for line in new.splitlines() if line.strip().startswith("HYPERGRAD_PREFETCH(")]
+    assert hints == ["HYPERGRAD_PREFETCH(in_ptr1 + x0 + 256, 0);", "HYPERGRAD_PREFETCH(out_ptr0 + x0 + 256, 1);",
+                     # 16 doubles a step: two cache lines
+                     "HYPERGRAD_PREFETCH(in_ptr3 + x0 + 128, 0);", "HYPERGRAD_PREFETCH(in_ptr3 + x0 + 136, 0);",
+                     "HYPERGRAD_PREFETCH(out_ptr1 + x0 + 128, 1);", "HYPERGRAD_PREFETCH(out_ptr1 + x0 + 136, 1);"]
+    assert streams == 4 and "#define HYPERGRAD_PREFETCH" in new
+    # the hints open the loop bodies; nothing else changed
+    assert "\n".join(line for line in new.splitlines() if "HYPERGRAD_PREFETCH" not in line and not line.startswith(
+        ("#if", "#else", "#endif"))) == _PREFETCH_SOURCE.rstrip("\n")
+    assert add_prefetch("int f() { return 0; }") == ("int f() { return 0; }", 0)
+    with pytest.raises(ValueError, match="distance"):
+        add_prefetch(_PREFETCH_SOURCE, distance=0)
+
+
+def test_prefetching_kernels_are_compiled_with_hints_and_equal_eager():
+    """Every direct-route kernel is compiled with the prefetch hints (one per buffer it streams),
+    which change no value: the in-place writes equal eager bit for bit."""
+    from optimizers.compiled import TensorKernel
+
+    def fn(x, g, m, v, s):  # a unique constant: no compiled code of an earlier test is reused
+        m.mul_(0.8125).add_(g * 0.1875)
+        v.mul_(0.96875).add_(g * g * 0.03125)
+        x.add_(m / (v.sqrt() + 1e-8) * s)
+
+    kern = TensorKernel(fn, "t_prefetch")
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(10007, generator=gen), torch.randn(10007, generator=gen), torch.randn(10007, generator=gen),
+            torch.rand(10007, generator=gen)]
+    expected = [a.clone() for a in args]
+    s = torch.tensor(-1e-3, dtype=torch.float64)
+    kern(*args, s)
+    fn(*expected, s)
+    assert all(torch.equal(a, b) for a, b in zip(args, expected))
+    assert kern.prefetched_streams() == [[4]]  # x, g, m, v
