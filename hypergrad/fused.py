@@ -175,11 +175,11 @@ class HyperKernels:
 
     def partial_for(self, fixed: Mapping[str, Tensor], t: Tensor):
         """``partial_hypergradient`` with its scalars bound once: ``(g_old, old_states, cotangent, q)
-        -> (partial, sum)``, for every segment of a record."""
+        -> (partial, sum)``, for every segment of a record (``.prepare(...)``: the call, to make later)."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
         bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)
-        return lambda g_old, old_states, cotangent, q: bound(g_old, *old_states, cotangent, q)
+        return _Arranged(bound, lambda g_old, old_states, cotangent, q: (g_old, *old_states, cotangent, q))
 
     def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
         """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and
@@ -198,21 +198,37 @@ class HyperKernels:
     def update_for(self, h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
                    last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]], record: bool):
         """``update`` with its scalars bound once: ``(x, g, states, g_last, g_store) -> None``, for every
-        segment of a bucket (``g_last`` given exactly when ``last`` is; ``g_store`` when recording)."""
+        segment of a bucket (``g_last`` given exactly when ``last`` is; ``g_store`` when recording;
+        ``.prepare(...)``: the call, to make later)."""
         last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
         kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names)
         tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
         bound = kern.bind(*h.values(), t, *precomputed.values(), *tail)
 
-        def run(x, g, states, g_last, g_store):
+        def arrange(x, g, states, g_last, g_store):
             if (g_last is None) != (last is None) or (g_store is None) == record:
                 raise ValueError("g_last and last go together, and g_store with record")
-            bound(x, g, *states, *(b for b in (g_last, g_store) if b is not None))
+            return (x, g, *states, *(b for b in (g_last, g_store) if b is not None))
 
-        return run
+        return _Arranged(bound, arrange)
 
     def advance(self, g_old: Tensor, states: Sequence[Tensor], h: Mapping[str, Tensor], t: Tensor,
                 precomputed: Mapping[int, Tensor]) -> Dict[str, Tensor]:
         """The state after a recorded update (new tensors), eagerly: for ``state_dict`` and for a
         recorded bucket that does not step again."""
         return _advance(self.family, self.mode, g_old, dict(zip(self.names, states)), dict(h), t, dict(precomputed))
+
+
+class _Arranged:
+    """A bound kernel called with structured arguments (``arrange`` lays them out as its tensors):
+    ``f(*args)`` runs it, ``f.prepare(*args)`` returns the call to make later
+    (``optimizers.compiled.BoundKernel.prepare``)."""
+
+    def __init__(self, bound, arrange):
+        self.bound, self.arrange = bound, arrange
+
+    def __call__(self, *args):
+        return self.prepare(*args)()
+
+    def prepare(self, *args):
+        return self.bound.prepare(*self.arrange(*args))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.compiled import cat_flat, segment_tensors, segments
+from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
 from .tower import LR_COEFFICIENT, CoefficientLayout, Level, level_update
@@ -224,7 +224,6 @@ class HyperOptimizer(RuleOptimizer):
         self._lr_at_init: Dict[int, float] = {}
         self._hyper_kernels: Dict[str, HyperKernels] = {}
         self._grad_record: Dict[Tuple[int, ...], List[Tensor]] = {}  # fused path: gradient buffers per bucket
-        self._segment_cache: Dict[Tuple[int, ...], List] = {}  # fused path: kernel calls per bucket
         self._packed_grads: Dict[Tuple, Tensor] = {}  # fused path: this step's packed gradients, vjp -> update
         self._current_cache: Dict[int, Tuple[Dict, Dict[str, Tensor]]] = {}  # fused path: _current_buffer
         self._set_index: Dict[int, Tensor] = {}
@@ -233,14 +232,14 @@ class HyperOptimizer(RuleOptimizer):
 
     # ------------------------------------------------------------------ copy / pickle, new groups
     _UNPICKLED = RuleOptimizer._UNPICKLED + ("_param_set", "_index_cache", "_hyper_kernels", "_grad_record",
-                                             "_segment_cache", "_set_index", "_graph_residual", "_graph_chain",
+                                             "_set_index", "_graph_residual", "_graph_chain",
                                              "_graph_leaves", "_reduce_group", "_packed_grads",
                                              "_current_cache")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._index_cache, self._hyper_kernels, self._grad_record, self._set_index = {}, {}, {}, {}
-        self._segment_cache, self._packed_grads, self._current_cache = {}, {}, {}
+        self._packed_grads, self._current_cache = {}, {}
         self._graph_residual, self._graph_chain, self._graph_leaves = None, None, []
         self._param_set = {}
         self._assign_sets()
@@ -309,7 +308,7 @@ class HyperOptimizer(RuleOptimizer):
             if self._hypergrads[0] is not None:
                 self._hypergrads[0] = torch.cat([self._hypergrads[0], torch.zeros_like(init)])
         self._assign_sets()
-        self._set_index, self._segment_cache = {}, {}
+        self._set_index = {}
 
     # ------------------------------------------------------------------ public views
     def coefficients(self) -> Dict[str, Tensor]:
@@ -640,14 +639,10 @@ class HyperOptimizer(RuleOptimizer):
         return {k: (v.detach().to(ref.device, torch.float64).reshape(()) if isinstance(v, Tensor)
                     else torch.tensor(float(v), dtype=torch.float64, device=ref.device)) for k, v in values.items()}
 
-    def _segments(self, params: Sequence[Tensor]) -> List[Tuple[int, int, List[int]]]:
-        """The kernel calls of one bucket, ``(offset, numel, indices)`` (``optimizers.compiled.segments``):
-        small tensors of one coefficient set share a call."""
-        key = tuple(map(id, params))
-        segs = self._segment_cache.get(key)
-        if segs is None:
-            segs = self._segment_cache[key] = segments(params, [self._param_set[id(p)] for p in params])
-        return segs
+    def _plan(self, params: Sequence[Tensor]) -> SegmentPlan:
+        """The kernel calls of one bucket (``optimizers.compiled.SegmentPlan``): small tensors of one
+        coefficient set share a call. Kept with the bucket (``_adopt_records`` has made it)."""
+        return self._bucket(params).plan([self._param_set[id(p)] for p in params])
 
     def _adopt_records(self):
         """On the fused path a recorded bucket's buffers *are* its record's state (the state before
@@ -690,7 +685,7 @@ class HyperOptimizer(RuleOptimizer):
         scalars = self._record_scalars(rec, kern)
         names, params = self.family.state_names, rec["params"]
         parts: Dict[str, List[Tensor]] = {n: [] for n in names}
-        for off, n, idxs in self._segments(params):
+        for off, n, idxs in segments(params, [self._param_set[id(p)] for p in params]):
             sl = slice(off, off + n)
             h, t, pre = scalars[self._param_set[id(params[idxs[0]])]]
             new = kern.advance(rec["g"][sl], [rec["state"][m][sl] for m in names], h, t, pre)
@@ -726,13 +721,17 @@ class HyperOptimizer(RuleOptimizer):
         q_of_set: Dict[object, Tensor] = {}
         sums: Dict[object, Tensor] = {}  # per coefficient set: its partial hypergradient
         learned = set(self.learn)
+        calls, outputs = [], []  # (coefficient set, the vjp kernel's call / its outputs), in segment order
         for rec in self._records0:
             params = rec["params"]
             kern = self._hyper_kernel(rec["mode"])
             scalars = self._record_scalars(rec, kern)
             names, dtype, key = self.family.state_names, rec["g"].dtype, tuple(map(id, params))
             kernel_of_set: Dict[object, object] = {}  # the vjp kernel with this set's scalars bound
-            for off, n, idxs in self._segments(params):
+            plan = self._plan(params)
+            plan.check(params)
+            g_views, state_views = plan.views(rec["g"]), [plan.views(rec["state"][m]) for m in names]
+            for i, (off, n, idxs) in enumerate(plan.segments):
                 p = params[idxs[0]]
                 s = self._param_set[id(p)]
                 partial_fn = kernel_of_set.get(s)
@@ -741,22 +740,22 @@ class HyperOptimizer(RuleOptimizer):
                     partial_fn = kernel_of_set[s] = kern.partial_for({k: v for k, v in h.items() if k not in learned}, t)
                 if len(idxs) == 1 and not p.is_contiguous():  # a strided tensor: its own shape
                     cot = (p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).contiguous()
-                    g_old, states = (unflatten_like(rec["g"][off:off + n], [p])[0],
-                                     [unflatten_like(rec["state"][m][off:off + n], [p])[0] for m in names])
                 else:
-                    cot = cat_flat([params[i].grad for i in idxs], [params[i] for i in idxs], dtype)
-                    g_old, states = rec["g"][off:off + n], [rec["state"][m][off:off + n] for m in names]
-                    if len(idxs) > 1 and all(params[i].grad is not None for i in idxs):
+                    cot = cat_flat([params[j].grad for j in idxs], [params[j] for j in idxs], dtype)
+                    if len(idxs) > 1 and all(params[j].grad is not None for j in idxs):
                         self._packed_grads[(key, off)] = cot
                 q = q_of_set.get(s)
                 if q is None:
                     q = q_of_set[s] = self._q[0][self._set_indices(p)]
-                partial, cot_sum = partial_fn(g_old, states, cot, q)
-                # summed per set in segment order (each entry: the same additions as one index_add_
-                # per segment), added into d1 once per set
-                partial = partial.to(d1.dtype)
-                sums[s] = partial if s not in sums else sums[s] + partial
-                self._gradient_sums.append(cot_sum)
+                calls.append((s, partial_fn.prepare(g_views[i], [v[i] for v in state_views], cot, q)))
+        for s, call in calls:  # back to back: the Python between kernels runs cache-cold (SegmentPlan)
+            outputs.append((s, call()))
+        for s, (partial, cot_sum) in outputs:
+            # summed per set in segment order (each entry: the same additions as one index_add_ per
+            # segment), added into d1 once per set
+            partial = partial.to(d1.dtype)
+            sums[s] = partial if s not in sums else sums[s] + partial
+            self._gradient_sums.append(cot_sum)
         for s, total in sums.items():
             d1.index_add_(0, self._set_index[s], total)
         return d1
@@ -805,11 +804,21 @@ class HyperOptimizer(RuleOptimizer):
             now = self._step_scalars(fixed, params, float(step + 1), kern)
             grads = [p.grad for p in params]
             kernel_of_set = {s: kern.update_for(*now[s], None if last is None else last[s], record) for s in now}
-            for off, n, idxs in self._segments(params):
+            plan = self._plan(params)
+            plan.check(params)
+            state_views = [plan.views(state[m]) for m in names]
+            last_views, store_views = (None if b is None else plan.views(b) for b in (g_last, g_store))
+            calls, finishes = [], []
+            for i, (off, n, idxs) in enumerate(plan.segments):
                 s = self._param_set[id(params[idxs[0]])]
-                x, g, view, finish = segment_tensors(params, grads, off, n, idxs, packed.pop((key, off), None))
-                kernel_of_set[s](x, g, [view(state[m]) for m in names], None if g_last is None else view(g_last),
-                                 None if g_store is None else view(g_store))
+                x, g, finish = plan.tensors(i, params, grads, packed.pop((key, off), None))
+                calls.append(kernel_of_set[s].prepare(x, g, [v[i] for v in state_views],
+                                                      None if last_views is None else last_views[i],
+                                                      None if store_views is None else store_views[i]))
+                finishes.append(finish)
+            for call in calls:  # back to back: the Python between kernels runs cache-cold (SegmentPlan)
+                call()
+            for finish in finishes:
                 finish()
             for p in params:
                 self.state[p]["step"] = step + 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ from torch import Tensor
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
+from .compiled import SegmentPlan
 from .fused import FusedKernel
 from .rules import get_rule
 
@@ -58,7 +59,7 @@ class _Bucket:
     ``like`` are the tensors whose shapes the flat buffers follow: the parameters themselves, or
     their local shards when ``dtensor``; ``dtype`` is the dtype of the buffers and of the update.
     """
-    __slots__ = ("params", "flat", "dtensor", "like", "dtype")
+    __slots__ = ("params", "flat", "dtensor", "like", "dtype", "plans")
 
     def __init__(self, params: List[Tensor], flat: Dict[str, Tensor], dtensor: bool, like: List[Tensor],
                  dtype: torch.dtype):
@@ -67,6 +68,16 @@ class _Bucket:
         self.dtensor = dtensor
         self.like = like
         self.dtype = dtype
+        self.plans: Dict[object, SegmentPlan] = {}  # the fused kernels' calls, by grouping of the params
+
+    def plan(self, groups: Optional[Sequence[Hashable]] = None) -> SegmentPlan:
+        """The ``SegmentPlan`` of the fused kernels over this bucket (``groups``: which tensors may share a
+        packed call, e.g. by coefficient set), kept with the bucket."""
+        key = None if groups is None else tuple(groups)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = SegmentPlan(self.like, groups)
+        return plan
 
     def tensors(self) -> Tuple[List[Tensor], List[Tensor]]:
         """The tensors to update and their gradients: the parameters, or fresh views of their local shards."""
@@ -326,7 +337,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     if kernel is None:
                         kernel = self._kernels[mode] = FusedKernel(self.family, mode)
                     kernel(xs, gs, bucket.flat, {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t,
-                           bucket.dtype)
+                           bucket.dtype, bucket.plan())
                 else:
                     new_state = apply_update(self.family, xs, gs, bucket.flat, h, group["lr"], group["weight_decay"],
                                              group["weight_decay_mode"], t, dtype=bucket.dtype)

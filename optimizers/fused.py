@@ -27,7 +27,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .compiled import TensorKernel, segment_tensors, segments
+from .compiled import SegmentPlan, TensorKernel
 from .functional import displacement
 from .family import Family
 
@@ -96,10 +96,12 @@ class FusedKernel:
         return kern
 
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor], flat: Mapping[str, Tensor],
-                 h: Mapping[str, object], t: float, dtype: Optional[torch.dtype] = None):
+                 h: Mapping[str, object], t: float, dtype: Optional[torch.dtype] = None,
+                 plan: Optional[SegmentPlan] = None):
         """``params``/``grads``: the bucket's tensors, laid out back to back in the flat buffers ``flat``
         (name -> 1-D buffer). ``dtype``: the dtype of the buffers and of the update (``state_dtype``),
-        when it is not the parameters'."""
+        when it is not the parameters'. ``plan``: the bucket's ``SegmentPlan`` over ``params``, kept
+        by the caller from step to step (default: one made for this call)."""
         ref = params[0]
         scalars = {k: _scalar(v, ref) for k, v in h.items()}
         t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
@@ -109,9 +111,17 @@ class FusedKernel:
         kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
         before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
         bound = kern.bind(*before, *scalars.values(), t, *pre.values())  # stacked once for all segments
-        for off, n, idxs in segments(params):
-            x, g, view, finish = segment_tensors(params, grads, off, n, idxs)
-            bound(x, g, *[view(b) for b in bufs])
+        plan = SegmentPlan(params) if plan is None else plan
+        plan.check(params)
+        views = [plan.views(b) for b in bufs]
+        calls, finishes = [], []
+        for i in range(len(plan.segments)):
+            x, g, finish = plan.tensors(i, params, grads)
+            calls.append(bound.prepare(x, g, *[v[i] for v in views]))
+            finishes.append(finish)
+        for call in calls:  # back to back: the Python between kernels runs cache-cold (SegmentPlan)
+            call()
+        for finish in finishes:
             finish()
         if self.scalar_names:  # advanced once per bucket (they do not depend on the elements)
             # A one-element stand-in for the parameter-shaped buffers: the scalar ones depend on

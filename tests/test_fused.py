@@ -537,3 +537,57 @@ def test_prefetching_kernels_are_compiled_with_hints_and_equal_eager():
     fn(*expected, s)
     assert all(torch.equal(a, b) for a, b in zip(args, expected))
     assert kern.prefetched_streams() == [[4]]  # x, g, m, v
+
+
+@pytest.mark.parametrize("hyper", [False, True])
+def test_fused_step_follows_a_parameter_whose_storage_or_layout_changes(hyper):
+    """The fused kernels keep each bucket's views from step to step (``SegmentPlan``). A parameter
+    given a new storage (``p.data = ...``) or made strided between steps must be updated where it
+    now lives, exactly as the default path does (float64, both the fixed and the hyper-learning path)."""
+    import hypergrad as H
+
+    out = []
+    for fused in (False, True):
+        model = _model()
+        params = list(model.parameters())
+        if hyper:
+            opt = H.HyperOptimizer(params, "mada", lr=1e-2, weight_decay=0.1, fused=fused, beta3=0.3, c=0.4,
+                                   gamma=0.7)
+        else:
+            opt = O.RuleOptimizer(params, "mada", lr=1e-2, weight_decay=0.1, fused=fused, beta3=0.3, c=0.4, gamma=0.7)
+        g = torch.Generator().manual_seed(1)
+        for step in range(8):
+            if step == 3:  # a new storage for a matrix, the old one left behind
+                model[0].weight.data = model[0].weight.data.clone()
+            if step == 5:  # the same values, now strided (a transposed view of a new storage)
+                model[2].weight.data = model[2].weight.data.t().contiguous().t()
+            x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g,
+                                                                                     dtype=torch.float64)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        assert not model[2].weight.is_contiguous()
+        out.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert (out[0] - out[1]).abs().max().item() <= 1e-12
+    assert (out[1] - torch.cat([p.detach().reshape(-1) for p in _model().parameters()])).abs().min() > 0
+
+
+def test_segment_plan_keeps_views_while_buffers_are_the_same():
+    """``SegmentPlan.views`` makes a buffer's slices once and returns the same tensors while the buffer
+    is the same object; a new buffer gets its own; a parameter made strided changes the views' shape."""
+    from optimizers.compiled import SegmentPlan
+
+    params = [torch.zeros(4, 3), torch.zeros(5), torch.zeros(2, 2).t()]
+    plan = SegmentPlan(params, small=8)  # 12 elements: a call of its own; 5 and 4: packable, but a strided one
+    assert [(off, n, idxs) for off, n, idxs in plan.segments] == [(0, 12, [0]), (12, 5, [1]), (17, 4, [2])]
+    buf, other = torch.arange(21.0), torch.arange(21.0)
+    plan.check(params)
+    first = plan.views(buf)
+    assert [tuple(v.shape) for v in first] == [(12,), (5,), (2, 2)]
+    assert all(a is b for a, b in zip(first, plan.views(buf)))
+    assert not any(a is b for a, b in zip(first, plan.views(other)))
+    params[0] = torch.zeros(3, 4).t()  # now strided: runs in its own shape
+    plan.check(params)
+    assert [tuple(v.shape) for v in plan.views(buf)] == [(4, 3), (5,), (2, 2)]
+    x, g, _ = plan.tensors(0, params, [torch.ones(4, 3)] * 3)
+    assert x is params[0] and g.is_contiguous()
