@@ -164,6 +164,19 @@ def test_bench_step_gradients_alternate_between_two_fixed_sets():
                if a.numel() > 100)
 
 
+def test_bench_round_order_varies_each_candidates_predecessor():
+    """Each round's order is a seeded permutation, and over many rounds every candidate runs after
+    each of the others (a rotated fixed order kept each after the same one in most rounds)."""
+    names = ["adamw", "depth1", "depth2", "depth3"]
+    orders = [bench_step.round_order(names, r) for r in range(60)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [bench_step.round_order(names, r) for r in range(60)]  # reproducible
+    follows = {(o[i - 1], o[i]) for o in orders for i in range(1, len(o))}
+    assert follows == {(a, b) for a in names for b in names if a != b}
+    first = [o[0] for o in orders]
+    assert all(8 <= first.count(n) <= 22 for n in names)  # no candidate starts (or ends) most rounds
+
+
 def test_bench_step_only_and_registry(tmp_path):
     calls = []
 
