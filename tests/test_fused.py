@@ -591,3 +591,45 @@ def test_segment_plan_keeps_views_while_buffers_are_the_same():
     assert [tuple(v.shape) for v in plan.views(buf)] == [(4, 3), (5,), (2, 2)]
     x, g, _ = plan.tensors(0, params, [torch.ones(4, 3)] * 3)
     assert x is params[0] and g.is_contiguous()
+
+
+_PREFETCH_PROBE = """
+import json, torch, hypergrad, optimizers
+x, y = torch.zeros(4096, requires_grad=True), torch.zeros(4096, requires_grad=True)
+rule = optimizers.RuleOptimizer([x], "mada", lr=1e-3, weight_decay=0.1, fused=True)
+hyper = hypergrad.HyperOptimizer([y], "mada", lr=1e-3, weight_decay=0.1, fused=True)
+for step in range(3):
+    for p, opt in ((x, rule), (y, hyper)):
+        p.grad = torch.full_like(p, 0.01 * (step + 1))
+        opt.step()
+kernels = [k for fk in rule._kernels.values() for k in fk._kernels.values()]
+kernels += [k for hk in hyper._hyper_kernels.values() for k in hk._kernels.values()]
+streams = {}
+for k in kernels:
+    streams.setdefault(k.name, []).extend(k.prefetched_streams())
+print(json.dumps(streams))
+"""
+
+
+def test_the_mada_kernels_prefetch_every_buffer_they_stream():
+    """On the pinned torch, Inductor's loops for MADA's kernels have the shape ``add_prefetch``
+    parses: the fixed update prefetches its 8 streams (x, g, 6 buffers); the vjp kernel its 8 (the
+    recorded gradient, 6 buffers, the new gradient) and the small loop that writes its result; the
+    first recording update 9 (x, g, 6 buffers, the gradient record), the later ones 10 (and the last
+    record, read to advance the buffers). A torch whose code generation changes fails here instead
+    of silently losing the hints. (A fresh process: one that has loaded the same compiled code
+    already reuses it without compiling its source.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _PREFETCH_PROBE], cwd=root, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    streams = json.loads(out.stdout.strip().splitlines()[-1])
+    assert streams["fused_mada_decoupled"] == [[8]]
+    assert streams["hyper_partial_mada_decoupled"] == [[9]]
+    assert sorted(streams["hyper_update_mada_decoupled"]) == [[9], [10]]
