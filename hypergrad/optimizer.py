@@ -639,10 +639,14 @@ class HyperOptimizer(RuleOptimizer):
         return {k: (v.detach().to(ref.device, torch.float64).reshape(()) if isinstance(v, Tensor)
                     else torch.tensor(float(v), dtype=torch.float64, device=ref.device)) for k, v in values.items()}
 
+    def _sets_of(self, params: Sequence[Tensor]) -> List[object]:
+        """The coefficient set of each parameter: small tensors share a kernel call only within one."""
+        return [self._param_set[id(p)] for p in params]
+
     def _plan(self, params: Sequence[Tensor]) -> SegmentPlan:
-        """The kernel calls of one bucket (``optimizers.compiled.SegmentPlan``): small tensors of one
-        coefficient set share a call. Kept with the bucket (``_adopt_records`` has made it)."""
-        return self._bucket(params).plan([self._param_set[id(p)] for p in params])
+        """The kernel calls of one bucket (``optimizers.compiled.SegmentPlan``), kept with the bucket
+        (``_adopt_records`` has made it)."""
+        return self._bucket(params).plan(self._sets_of(params))
 
     def _adopt_records(self):
         """On the fused path a recorded bucket's buffers *are* its record's state (the state before
@@ -685,7 +689,7 @@ class HyperOptimizer(RuleOptimizer):
         scalars = self._record_scalars(rec, kern)
         names, params = self.family.state_names, rec["params"]
         parts: Dict[str, List[Tensor]] = {n: [] for n in names}
-        for off, n, idxs in segments(params, [self._param_set[id(p)] for p in params]):
+        for off, n, idxs in segments(params, self._sets_of(params)):
             sl = slice(off, off + n)
             h, t, pre = scalars[self._param_set[id(params[idxs[0]])]]
             new = kern.advance(rec["g"][sl], [rec["state"][m][sl] for m in names], h, t, pre)

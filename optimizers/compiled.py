@@ -300,12 +300,13 @@ class SegmentPlan:
     bucket: its parameters are fixed, their storage and layout may change (checked every step).
     """
 
+    # Buffers a plan has seen (with their views) are few (a bucket's state, its gradient records):
+    # more means they were replaced, and the old ones are let go rather than kept alive.
+    MAX_BUFFERS = 64
+
     def __init__(self, params: Sequence[Tensor], groups: Optional[Sequence[Hashable]] = None,
                  small: int = SMALL_TENSOR):
         self._groups, self._small = groups, small
-        # Buffers a plan has seen (with their views) are few (a bucket's state, its gradient records):
-        # more means they were replaced, and the old ones are let go rather than kept alive.
-        self._max_buffers = 64
         self._make(params)
 
     @staticmethod
@@ -331,7 +332,7 @@ class SegmentPlan:
         """Per segment, its slice of the flat ``buffer``, shaped like the segment's ``x``."""
         entry = self._views.get(id(buffer))
         if entry is None or entry[0] is not buffer:
-            if len(self._views) >= self._max_buffers:
+            if len(self._views) >= self.MAX_BUFFERS:
                 self._views.clear()
             slices = [buffer[off:off + n] for off, n, _ in self.segments]
             entry = self._views[id(buffer)] = (buffer, [v if shape is None else v.view(shape)
