@@ -5,14 +5,18 @@ against ``torch.optim.AdamW`` (fused and foreach), on the same model, in one pro
     .venv/bin/python -m experiments.bench_step --model mlp10m --only adam,mada --steps 30
     .venv/bin/python -m experiments.bench_step --all --out runs/bench_step.json --doc docs/performance.md
 
-What is measured: the wall time of ``optimizer.step()`` only. Every parameter's ``.grad`` is set
-once to fixed random values (seeded, N(0, 1e-2)) and never changes, so forward/backward cost and
-data play no part. All candidates share the model's parameters (each keeps its own state), which
+What is measured: the wall time of ``optimizer.step()`` only. Every parameter's ``.grad`` alternates,
+round by round, between two fixed sets of random values (seeded, N(0, 1e-2); ``GradientSets``), so
+forward/backward cost and data play no part. All candidates share the model's parameters (each keeps its own state), which
 keeps memory at one model plus the optimizer states.
 
 How: candidates are stepped round-robin, one step each per round in an order shuffled every round
 (``round_order``), so a slow drift of the machine (thermal, other processes, frequency) hits all of
-them alike, and none mostly runs after the same neighbour. The first ``--warmup`` rounds
+them alike, and none mostly runs after the same neighbour. The eager candidates (the functional
+path, 10-200x slower) are timed in a group of their own, with ``--slow-steps`` rounds and both
+baselines again (``step_table``): interleaved with the fused ones, their full-size temporaries (fresh
+``mmap``s, page faults, evicted caches) slowed the next fused step (MADA's fused step read 2.12x fused
+AdamW among them and 1.95x without them, 2 threads). The first ``--warmup`` rounds
 allocate state and warm caches and are not timed; then ``--steps`` rounds are timed and the
 median is reported. Python's garbage collector stays on, as in training: turning it off lets
 tensors held in reference cycles pile up until memory runs out (at the time of writing
@@ -452,26 +456,16 @@ def _select(only: Optional[Sequence[str]]) -> List[str]:
 
 
 def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Optional[Sequence[str]] = None,
-        seed: int = 0, progress: bool = True, device: Optional[torch.device] = None) -> dict:
-    """Benchmark and return the report dict (see the module docstring)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps}, {warmup}")
+        seed: int = 0, progress: bool = True, device: Optional[torch.device] = None, slow_steps: int = 3) -> dict:
+    """Benchmark and return the report dict (see the module docstring): ``step_table``'s two groups,
+    fast candidates with ``steps`` timed rounds and eager ones with ``slow_steps``."""
+    if steps < 1 or warmup < 0 or slow_steps < 1:
+        raise ValueError(f"steps and slow_steps must be >= 1 and warmup >= 0, got {steps}, {slow_steps}, {warmup}")
     _check_rules_covered()
     device = torch.device(device) if device is not None else default_device()
     names = _select(only)
-    torch.manual_seed(seed)
-    model = make_model(model_name, device=device)
-    before_round = GradientSets(model, seed)
-    optims = {}
-    for name in names:
-        # a fresh group list per optimizer: torch.optim.Optimizer stores (and mutates) the dicts
-        optims[name] = build_candidate(name, param_groups(model, WEIGHT_DECAY))
-    log.info("benchmarking %d candidates on %s (%d parameters), %d warm-up + %d timed rounds",
-             len(optims), model_name, count_parameters(model), warmup, steps)
     load_before = _loadavg()
-    faults: Dict[str, List[int]] = {}
-    times = time_steps(optims, steps, warmup, progress=progress, faults=faults, device=device,
-                       before_round=before_round)
+    table = step_table(model_name, names, steps, warmup, slow_steps, device, seed, progress)
     machine = machine_info(device)
     # Other processes on the machine inflate every number (OpenMP threads wait on each other);
     # the load averages let a reader judge a run. Interleaving keeps the *ratios* comparable.
@@ -484,21 +478,23 @@ def run(model_name: str = "gpt10m", steps: int = 20, warmup: int = 2, only: Opti
         "git_commit": git_commit(),
         "config": {
             "model": model_name,
-            "n_params": count_parameters(model),
-            "param_tensors": sum(1 for _ in model.parameters()),
-            "dtype": str(next(model.parameters()).dtype),
+            "n_params": table["n_params"],
+            "param_tensors": table["param_tensors"],
+            "dtype": "torch.float32",
             "device": str(device),
             "steps": steps,
+            "slow_steps": slow_steps,
             "warmup": warmup,
             "seed": seed,
             "lr": LR,
             "weight_decay": WEIGHT_DECAY,
             "weight_decay_on": "dim >= 2 (experiments.model.param_groups)",
-            "grad": "fixed N(0, 1e-2), set once",
-            "order": "round-robin, one step per candidate per round, order shuffled each round (seeded)",
+            "grad": "two fixed N(0, 1e-2) sets, alternating round by round",
+            "order": "round-robin, one step per candidate per round, order shuffled each round (seeded); "
+                     "eager candidates in a group of their own with both baselines",
             "threads": torch.get_num_threads(),
         },
-        "results": summarise(times, faults),
+        "results": table["results"],
     }
 
 
@@ -1639,6 +1635,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated candidates (the torch AdamW baselines always run): "
                         + ",".join(CANDIDATES))
+    p.add_argument("--slow-steps", type=int, default=3,
+                   help="timed rounds of the eager candidates, timed in a group of their own; default 3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=torch.device, default=None, help="cpu, cuda, cuda:1...; default cuda if available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -1648,7 +1646,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a.add_argument("--all", action="store_true", help="run (a)-(f) and write one report (see module docstring)")
     a.add_argument("--doc", type=Path, default=None, help="with --all: also write the markdown page here")
     a.add_argument("--models", default="gpt10m,mlp10m", help="models of the step table; default gpt10m,mlp10m")
-    a.add_argument("--slow-steps", type=int, default=3, help="timed rounds of the eager group; default 3")
     a.add_argument("--memory-model", default="gpt10m", help="model of the memory table ('' to skip)")
     a.add_argument("--train-steps", type=int, default=5, help="timed rounds of the Shakespeare-config train step; "
                                                                    "default 5")
@@ -1710,12 +1707,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"wrote {args.out}")
         return report
     report = run(args.model, steps=args.steps if args.steps is not None else 20, warmup=args.warmup, only=args.only,
-                 seed=args.seed, progress=not args.no_progress, device=args.device)
+                 seed=args.seed, progress=not args.no_progress, device=args.device, slow_steps=args.slow_steps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     cfg = report["config"]
     print(f"Optimizer step only: {cfg['model']} ({cfg['n_params'] / 1e6:.2f}M params), torch {report['torch']}, "
-          f"{cfg['threads']} threads, median of {cfg['steps']} interleaved steps\n")
+          f"{cfg['threads']} threads, median of {cfg['steps']} interleaved steps (eager candidates: "
+          f"{cfg['slow_steps']}, in a group of their own; ratios to that group's baselines)\n")
     print(markdown_table(report["results"]))
     print(f"\nwrote {args.out}")
     return report
