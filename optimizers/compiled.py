@@ -78,10 +78,11 @@ class TensorKernel:
         n = next((i for i, t in enumerate(args) if t.dim() == 0), len(args))
         return self.bind(*args[n:])(*args[:n])
 
-    def bind(self, *scalars: Tensor) -> "BoundKernel":
+    def bind(self, *scalars, device: Optional[torch.device] = None) -> "BoundKernel":
         """The kernel with its trailing 0-D arguments given once: ``kern.bind(*scalars)(*tensors)`` is
-        ``kern(*tensors, *scalars)``; a call's layout check covers only the tensors."""
-        return BoundKernel(self, scalars)
+        ``kern(*tensors, *scalars)``; a call's layout check covers only the tensors. A scalar may be a
+        Python number, which stands for a float64 0-D tensor on ``device`` (numbers cost no tensor each)."""
+        return BoundKernel(self, scalars, device)
 
     def compiled_graphs(self) -> int:
         """How many graphs this kernel has compiled (every signature and shape variant)."""
@@ -97,16 +98,18 @@ class TensorKernel:
         compiled code (Inductor reuses the loaded module without compiling its source again)."""
         return [streams for s in self._signatures.values() for streams in s.prefetched]
 
-    def _resolve(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...],
-                 stacked: List[Tensor]) -> Tuple["_Signature", Callable, bool]:
-        key = tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors + scalars)
+    def _resolve(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...], stacked: List[Tensor],
+                 groups: Tuple[Tuple[int, ...], ...]) -> Tuple["_Signature", Callable, bool]:
+        key = (tuple((t.dtype, t.dim(), t.is_contiguous(), t.device) for t in tensors + scalars), groups)
         sig = self._signatures.get(key)
         if sig is None:
-            sig = self._signatures[key] = self._trace(tensors, scalars, stacked)
+            sig = self._signatures[key] = self._trace(tensors, scalars, stacked, groups)
         return (sig, *sig.compiled_for([*tensors, *stacked]))
 
-    def _trace(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...], stacked: List[Tensor]) -> "_Signature":
-        fn, groups = self.fn, scalar_groups(scalars)
+    def _trace(self, tensors: Tuple[Tensor, ...], scalars: Tuple[Tensor, ...], stacked: List[Tensor],
+               groups: Tuple[Tuple[int, ...], ...]) -> "_Signature":
+        """``groups``: which scalars each vector of ``stacked`` holds (``scalar_groups``)."""
+        fn = self.fn
 
         def unpacked(*args):
             values: List[object] = [None] * len(scalars)
@@ -124,25 +127,47 @@ class TensorKernel:
         return _Signature(graph, len(tensors), direct, self.name)
 
 
-def scalar_groups(scalars: Sequence[Tensor]) -> List[List[int]]:
-    """Indices of ``scalars`` by (dtype, device), in order of first appearance: one stacked vector each."""
+def scalar_groups(scalars: Sequence[object], device: Optional[torch.device] = None) -> List[List[int]]:
+    """Indices of ``scalars`` by (dtype, device), in order of first appearance: one stacked vector each.
+    A Python number counts as a float64 tensor on ``device``."""
     groups: Dict[Tuple, List[int]] = {}
+    number_kind = (torch.float64, torch.device(device) if device is not None else None)
     for i, t in enumerate(scalars):
-        groups.setdefault((t.dtype, t.device), []).append(i)
+        groups.setdefault((t.dtype, t.device) if isinstance(t, Tensor) else number_kind, []).append(i)
     return list(groups.values())
 
 
 class BoundKernel:
     """``TensorKernel.bind``: a kernel whose trailing 0-D arguments are fixed and already stacked."""
 
-    def __init__(self, kernel: TensorKernel, scalars: Sequence[Tensor]):
-        if any(t.dim() != 0 for t in scalars):
+    def __init__(self, kernel: TensorKernel, scalars: Sequence[object], device: Optional[torch.device] = None):
+        tensors = [t for t in scalars if isinstance(t, Tensor)]
+        if any(t.dim() != 0 for t in tensors):
             raise ValueError(f"kernel {kernel.name}: the scalar arguments (after the tensors) must be 0-D, got "
-                             f"shapes {[tuple(t.shape) for t in scalars]}")
-        self.kernel, self.scalars = kernel, tuple(scalars)
-        groups = scalar_groups(self.scalars)
-        self._stacked = [torch.stack([self.scalars[i] for i in g]) for g in groups]
-        self._kinds = tuple((self.scalars[g[0]].dtype, self.scalars[g[0]].device, tuple(g)) for g in groups)
+                             f"shapes {[tuple(t.shape) for t in tensors]}")
+        numbers = [x for x in scalars if not isinstance(x, Tensor)]
+        if numbers and (device is None or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in numbers)):
+            raise TypeError(f"kernel {kernel.name}: a scalar argument is a 0-D tensor, or a Python int or float "
+                            f"with device= given; got {[type(x).__name__ for x in scalars]}, device={device!r}")
+        self.kernel, self._values, self._device = kernel, tuple(scalars), device
+        self._scalars: Optional[Tuple[Tensor, ...]] = None if numbers else self._values
+        if numbers and not tensors:  # the usual case of FusedKernel: one vector, made at once
+            groups = [list(range(len(numbers)))]
+            self._stacked = [torch.tensor(numbers, dtype=torch.float64, device=device)]
+        else:  # a vector per (dtype, device); numbers as float64 tensors on device
+            groups = scalar_groups(self._values, device)
+            self._stacked = [torch.stack([self._tensor(self._values[i]) for i in g]) for g in groups]
+        self._kinds = tuple((v.dtype, v.device, tuple(g)) for v, g in zip(self._stacked, groups))
+
+    def _tensor(self, x) -> Tensor:
+        return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64, device=self._device)
+
+    @property
+    def scalars(self) -> Tuple[Tensor, ...]:
+        """The scalar arguments as 0-D tensors (made from the numbers when first asked: a new layout)."""
+        if self._scalars is None:
+            self._scalars = tuple(map(self._tensor, self._values))
+        return self._scalars
 
     def __call__(self, *tensors: Tensor):
         return self.prepare(*tensors)()
@@ -157,7 +182,8 @@ class BoundKernel:
         if hit is None:
             if any(t.dim() == 0 for t in tensors):
                 raise ValueError(f"kernel {kern.name}: 0-D arguments go last (or to bind())")
-            hit = kern._calls[layout] = kern._resolve(tensors, self.scalars, self._stacked)
+            hit = kern._calls[layout] = kern._resolve(tensors, self.scalars, self._stacked,
+                                                      tuple(g for _, _, g in self._kinds))
         sig, compiled, direct = hit
         args = (*tensors, *self._stacked)
         if direct and sig.returns_tuple:  # (Inductor's own call returns a list)

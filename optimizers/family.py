@@ -17,6 +17,7 @@ and the family records which one its reference implementation uses.
 """
 from __future__ import annotations
 
+import math
 import operator
 from numbers import Real
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -51,6 +52,22 @@ _PY_OPS = {
 
 # torch functions that need tensor arguments (a coefficient may arrive as a Python float)
 _TENSOR_ONLY = frozenset({"maximum", "sqrt", "sign", "square", "abs"})
+
+# Their values on finite Python floats (``Family.scalar_numbers``; a NaN never gets here), and the
+# other ops that take plain numbers as they are.
+_FLOAT_OPS = {
+    "sqrt": math.sqrt,
+    "sign": lambda x: float((x > 0) - (x < 0)),
+    "square": lambda x: x * x,
+    "abs": abs,
+    "maximum": max,
+    "first_step": E.OPS["first_step"],
+    "interp": E.OPS["interp"],
+}
+
+
+class _NotNumbers(Exception):
+    """A scalar subexpression that Python floats do not evaluate as torch would."""
 
 
 class Family:
@@ -286,25 +303,57 @@ class Family:
         here once per step, they enter the kernel as inputs (``update(..., precomputed=...)``).
         Subexpressions that read a buffer (even a scalar one) are not included.
         """
+        dummy = torch.zeros(())
+
+        def apply(op, args):
+            fn = _PY_OPS.get(op)
+            return fn(*args) if fn is not None else E.OPS[op](*[
+                a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=dummy.dtype) for a in args])
+
+        return self._scalar_subexpressions(h, t, apply)
+
+    def scalar_numbers(self, h: Mapping[str, object], t) -> Optional[Dict[int, float]]:
+        """``scalar_values`` as Python floats (float64 arithmetic, no tensor made: a few microseconds,
+        where a 0-D tensor operation each cost ~70 us per bucket and step), when the coefficients it
+        reads and ``t`` are plain numbers and every value it computes is a finite float; ``None``
+        otherwise (a tensor coefficient, an op without a float form, a NaN...): then use
+        ``scalar_values``, which keeps torch's semantics for those."""
+        def apply(op, args):
+            fn = _PY_OPS.get(op) or _FLOAT_OPS.get(op)
+            if fn is None:
+                raise _NotNumbers
+            v = fn(*args)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise _NotNumbers  # a complex power, an overflow, a NaN: torch's semantics decide
+            return v
+
+        def number(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _NotNumbers
+            return v
+
+        try:
+            out = self._scalar_subexpressions(h, number(t), apply, number)
+        except (_NotNumbers, ArithmeticError, ValueError):  # ZeroDivisionError, sqrt of a negative...
+            return None
+        return {uid: float(v) for uid, v in out.items()}
+
+    def _scalar_subexpressions(self, h: Mapping[str, object], t, apply, leaf=lambda v: v) -> Dict[int, object]:
+        """The values of ``_scalar_frontier``: constants, coefficients (through ``leaf``) and ``t``
+        combined by ``apply(op, args)``."""
         frontier = self._scalar_frontier()
         if not frontier:
             return {}
-        dummy = torch.zeros(())
         values: Dict[int, object] = {}
-        for node, _ in self._schedule():
-            if node.uid not in self._scalar_uids:
-                continue
+        for node in self._scalar_nodes:
             if isinstance(node, E.Const):
                 v = node.value
             elif isinstance(node, E.Input):
                 v = t
             elif isinstance(node, E.Coef):
-                v = h[node.name] if node.index is None else h[node.name][node.index]
+                v = leaf(h[node.name] if node.index is None else h[node.name][node.index])
             else:
-                args = [values[a.uid] for a in node.args]
-                fn = _PY_OPS.get(node.op)
-                v = fn(*args) if fn is not None else E.OPS[node.op](*[
-                    a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=dummy.dtype) for a in args])
+                v = apply(node.op, [values[a.uid] for a in node.args])
             values[node.uid] = v
         return {uid: values[uid] for uid in frontier}
 
@@ -328,6 +377,12 @@ class Family:
                 else:
                     frontier.update(a.uid for a in operands if a.uid in scalar and isinstance(a, E.Op))
             self._scalar_uids, self._frontier = scalar, tuple(sorted(frontier))
+            # in evaluation order, the nodes that frontier reads (directly or not): per step, only these
+            needed = set(frontier)
+            for node, _ in reversed(self._schedule()):
+                if node.uid in needed and isinstance(node, E.Op):
+                    needed.update(a.uid for a in node.args)
+            self._scalar_nodes = tuple(node for node, _ in self._schedule() if node.uid in needed)
             self._scalar_reads = {uid: reads[uid] for uid in self._frontier}
         return self._frontier
 

@@ -103,14 +103,22 @@ class FusedKernel:
         when it is not the parameters'. ``plan``: the bucket's ``SegmentPlan`` over ``params``, kept
         by the caller from step to step (default: one made for this call)."""
         ref = params[0]
-        scalars = {k: _scalar(v, ref) for k, v in h.items()}
-        t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
-        # scalar subexpressions (bias corrections...) once per step, not once per element
-        pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
+        # scalar subexpressions (bias corrections...) once per step, not once per element: in Python
+        # floats when the hyperparameters are plain numbers (the usual case; no 0-D tensor operations).
+        # Not with scalar buffers (NAdam's product), which advance below through the family's update
+        # in float64 tensors.
+        pre = None if self.scalar_names else self.family.scalar_numbers(h, float(t))
+        if pre is not None:
+            scalars, t = {k: float(v) for k, v in h.items()}, float(t)
+        else:
+            scalars = {k: _scalar(v, ref) for k, v in h.items()}
+            t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
+            pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
         bufs = [flat[n] for n in self.tensor_names]
         kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
         before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
-        bound = kern.bind(*before, *scalars.values(), t, *pre.values())  # stacked once for all segments
+        # stacked once for all segments (numbers: float64 on the parameters' device)
+        bound = kern.bind(*before, *scalars.values(), t, *pre.values(), device=ref.device)
         plan = SegmentPlan(params) if plan is None else plan
         plan.check(params)
         views = [plan.views(b) for b in bufs]
