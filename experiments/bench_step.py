@@ -14,9 +14,9 @@ How: candidates are stepped round-robin, one step each per round in an order shu
 (``round_order``), so a slow drift of the machine (thermal, other processes, frequency) hits all of
 them alike, and none mostly runs after the same neighbour. The eager candidates (the functional
 path, 10-200x slower) are timed in a group of their own, with ``--slow-steps`` rounds and both
-baselines again (``step_table``): interleaved with the fused ones, their full-size temporaries (fresh
-``mmap``s, page faults, evicted caches) slowed the next fused step (MADA's fused step read 2.12x fused
-AdamW among them and 1.95x without them, 2 threads). The first ``--warmup`` rounds
+baselines again (``step_table``), as in ``--all``: interleaved with the fused ones, their full-size
+temporaries (fresh ``mmap``s: a whole default run spent 204 s in the kernel against 123 s in user
+code) disturbed the fused steps that followed them, and the run took 3.2 minutes instead of 1.1. The first ``--warmup`` rounds
 allocate state and warm caches and are not timed; then ``--steps`` rounds are timed and the
 median is reported. Python's garbage collector stays on, as in training: turning it off lets
 tensors held in reference cycles pile up until memory runs out (at the time of writing
