@@ -85,6 +85,20 @@ def test_param_group_value_changed_before_step(params, key, value):
     assert len(opt.state) == 0 or all("step" not in s for s in opt.state.values())
 
 
+@pytest.mark.parametrize("key, value", [("beta2", 1.0), ("lr", -0.1), ("weight_decay_mode", "l1"), ("gamma", 2)])
+def test_param_group_value_changed_after_a_step(params, key, value):
+    """A group checked at an earlier step (and not checked again while its plain-number values stay
+    the same) is checked again once a value changes."""
+    opt = O.RuleOptimizer(params, O.mada(), lr=1e-2)
+    _step(opt, params)
+    _step(opt, params)
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"\b{key}\b.*param group 0"):
+        _step(opt, params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "a rejected step must not move anything"
+
+
 def test_rejected_step_moves_no_group(params):
     opt = O.RuleOptimizer([{"params": params[:1]}, {"params": params[1:]}], O.adam(), lr=1e-2)
     before = [p.detach().clone() for p in params]
