@@ -104,10 +104,12 @@ class FusedKernel:
         by the caller from step to step (default: one made for this call)."""
         ref = params[0]
         # scalar subexpressions (bias corrections...) once per step, not once per element: in Python
-        # floats when the hyperparameters are plain numbers (the usual case; no 0-D tensor operations).
-        # Not with scalar buffers (NAdam's product), which advance below through the family's update
+        # floats when the hyperparameters are plain numbers (the usual case; no 0-D tensor operations;
+        # a tensor one, an LR scheduler's on the GPU say, is never read back to the host). Not with
+        # scalar buffers (NAdam's product), which advance below through the family's update
         # in float64 tensors.
-        pre = None if self.scalar_names else self.family.scalar_numbers(h, float(t))
+        numbers = not self.scalar_names and all(type(v) in (float, int) for v in h.values())
+        pre = self.family.scalar_numbers(h, float(t)) if numbers else None
         if pre is not None:
             scalars, t = {k: float(v) for k, v in h.items()}, float(t)
         else:

@@ -427,6 +427,76 @@ def test_tensor_kernel_direct_route_equals_eager_and_dynamo():
         TensorKernel(fn, "bad", route="fast")
 
 
+@pytest.mark.parametrize("name", sorted(O.RULES))
+def test_scalar_numbers_equal_scalar_values(name):
+    """The fused rule step's per-step scalars in Python floats (``Family.scalar_numbers``) == the
+    float64 0-D tensor evaluation (``scalar_values``), at the defaults and at a step > 1; ``None``
+    (the caller falls back to tensors) for a tensor hyperparameter or a value floats would not
+    evaluate as torch does (sqrt of a negative, a NaN)."""
+    family = O.get_rule(name)
+    h = {n: float(c.init) for n, c in family.coefficients.items() if not isinstance(c.init, tuple)}
+    h.update(lr=1e-3, weight_decay=0.1)
+    if len(h) < len(family.coefficients) + 2:
+        pytest.skip("a simplex coefficient: not a plain number")
+    for t in (1.0, 7.0):
+        numbers = family.scalar_numbers(h, t)
+        tensors = family.scalar_values({k: torch.tensor(v, dtype=torch.float64) for k, v in h.items()},
+                                       torch.tensor(t, dtype=torch.float64))
+        assert numbers is not None and set(numbers) == set(tensors)
+        for uid, v in tensors.items():
+            v = float(v)
+            assert isinstance(numbers[uid], float) and abs(numbers[uid] - v) <= 1e-15 * max(1.0, abs(v)), (uid, t)
+    if tensors:
+        assert family.scalar_numbers({k: torch.tensor(v, dtype=torch.float64) for k, v in h.items()}, 7.0) is None
+        assert family.scalar_numbers(h, float("nan")) is None
+
+
+def test_fused_rule_step_with_a_tensor_lr_reads_nothing_back_to_the_host(monkeypatch):
+    """Plain-number hyperparameters take the float path; a tensor one (an LR scheduler's, on a GPU)
+    must not be read back with ``float()``: the update reads nothing back to the host (the per-step
+    check of the groups' domains, which reads a tensor lr, is left out here), and equals the same
+    step with the number."""
+    model, twin = _model(), _model()
+    opts = [O.build_optimizer("mada", m.parameters(), lr=lr, weight_decay=0.1, fused=True)
+            for m, lr in ((model, torch.tensor(1e-2, dtype=torch.float64)), (twin, 1e-2))]
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    for m, opt in zip((model, twin), opts):
+        for step in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            if step == 2 and m is model:
+                monkeypatch.setattr(opt, "_validate_all_groups", lambda: None)
+                assert _host_reads(opt) == 0
+            else:
+                opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_bound_kernel_takes_numbers_as_float64_scalars():
+    """``kern.bind(0.5, ..., device=...)``: numbers stand for float64 0-D tensors (one vector made at
+    once): the same compiled graph and bit-for-bit the same writes as with tensors, mixed or not."""
+    from optimizers.compiled import TensorKernel
+
+    def fn(a, b, s, u):
+        b.add_(a * s - u)
+
+    kern = TensorKernel(fn, "t_numbers")
+    f64 = dict(dtype=torch.float64)
+    a = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for scalars in ((torch.tensor(0.3, **f64), torch.tensor(0.7, **f64)), (0.3, 0.7), (0.3, torch.tensor(0.7, **f64))):
+        b = torch.zeros(300)
+        kern.bind(*scalars, device=torch.device("cpu"))(a, b)
+        outs.append(b)
+    assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].abs().sum() > 0
+    assert kern.compiled_graphs() == 1
+    with pytest.raises(TypeError, match="device"):
+        kern.bind(0.3, 0.7)
+    with pytest.raises(TypeError, match="int or float"):
+        kern.bind(True, 0.7, device=torch.device("cpu"))
+
+
 def test_tensor_kernel_falls_back_to_dynamo_when_the_direct_route_fails(monkeypatch, caplog):
     """The direct route uses private torch APIs: if it fails to compile, the kernel says so (a logged
     warning) and runs through torch.compile instead, with the same results."""
