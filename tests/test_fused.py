@@ -473,6 +473,39 @@ def test_fused_rule_step_with_a_tensor_lr_reads_nothing_back_to_the_host(monkeyp
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("hyper", [False, True])
+def test_fused_kernels_run_bare_and_bump_the_version_of_what_they_write(hyper):
+    """The direct route calls Inductor's compiled code without AOTAutograd's wrappers (~110 us a call
+    with cold caches): every kernel of a fused MADA step (rule, or hyper-learning vjp and update)
+    is called so, and a parameter it writes gets its version counter bumped as an in-place
+    operation does, so autograd still rejects a backward through a parameter stepped since. (The
+    parameter is above ``SMALL_TENSOR``: written by its own kernel call, not copied back from a
+    packed run.)"""
+    import hypergrad as H
+    from optimizers.compiled import SMALL_TENSOR, TensorKernel
+
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(SMALL_TENSOR + 5, generator=gen, dtype=torch.float64))
+    target = torch.randn(SMALL_TENSOR + 5, generator=gen, dtype=torch.float64)
+    opt = H.MADA([w], lr=1e-2, fused=True) if hyper else O.build_optimizer("mada", [w], lr=1e-2, fused=True)
+    for _ in range(3):
+        opt.zero_grad()
+        ((w - target) ** 2).sum().backward()
+        before = w._version
+        opt.step()
+        assert w._version > before
+    kernels = list(opt._hyper_kernels["decoupled"]._kernels.values() if hyper
+                   else opt._kernels["decoupled"]._kernels.values())
+    assert kernels and all(isinstance(k, TensorKernel) for k in kernels)
+    assert all(k.bare_calls() and all(k.bare_calls()) for k in kernels), [(k.name, k.bare_calls()) for k in kernels]
+    opt.zero_grad()
+    loss = (w * w).sum()  # saves w for its backward
+    (w * 1.0).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_bound_kernel_takes_numbers_as_float64_scalars():
     """``kern.bind(0.5, ..., device=...)``: numbers stand for float64 0-D tensors (one vector made at
     once): the same compiled graph and bit-for-bit the same writes as with tensors, mixed or not."""
