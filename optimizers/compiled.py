@@ -239,7 +239,19 @@ def _graph_output(graph) -> object:
     return next(node for node in graph.graph.nodes if node.op == "output").args[0]
 
 
-def _bare_call(graph, inner: List[Tuple[object, object]], n_args: int) -> Optional[Callable]:
+def _graph_shape(gm) -> Tuple[int, Tuple, List[int]]:
+    """``(inputs, outputs, written inputs)`` of the graph AOTAutograd hands to Inductor: how many
+    placeholders, the output values, and which placeholders a ``copy_`` writes (each input mutation
+    it keeps in the graph)."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
+    outputs = tuple(next(n for n in nodes if n.op == "output").args[0])
+    written = sorted({index[n.args[0]] for n in nodes if n.op == "call_function"
+                      and n.target is torch.ops.aten.copy_.default and n.args[0] in index})
+    return len(index), outputs, written
+
+
+def _bare_call(graph, inner: List[Tuple[Tuple, object]], n_args: int) -> Optional[Callable]:
     """Inductor's compiled code for ``graph`` called without AOTAutograd's runtime wrappers, or
     ``None`` when its graph is not the plain shape this relies on.
 
@@ -258,22 +270,16 @@ def _bare_call(graph, inner: List[Tuple[object, object]], n_args: int) -> Option
     if len(inner) != 1 or not isinstance(inner[0][1], CompiledFxGraph):
         log.debug("kernel %s: %d compiled graphs, wrapped calls", graph.__class__.__name__, len(inner))
         return None
-    gm, out = inner[0]
+    (n_inputs, outputs, written), out = inner[0]
     call = getattr(out, "current_callable", None)
-    nodes = list(gm.graph.nodes)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    outputs = next(n for n in nodes if n.op == "output").args[0]
     traced = _graph_output(graph)
     n_out = len(traced) if isinstance(traced, (tuple, list)) else int(traced is not None)
-    if traced is None and tuple(outputs) == (None,):  # a function returning nothing: AOTAutograd's (None,)
+    if traced is None and outputs == (None,):  # a function returning nothing: AOTAutograd's (None,)
         outputs = ()
-    if call is None or len(placeholders) != n_args or len(outputs) != n_out:
+    if call is None or n_inputs != n_args or len(outputs) != n_out:
         log.debug("kernel %s: %d inputs for %d arguments, %d outputs for %d: wrapped calls",
-                  graph.__class__.__name__, len(placeholders), n_args, len(outputs), n_out)
+                  graph.__class__.__name__, n_inputs, n_args, len(outputs), n_out)
         return None
-    index = {n: i for i, n in enumerate(placeholders)}
-    written = sorted({index[n.args[0]] for n in nodes if n.op == "call_function"
-                      and n.target is torch.ops.aten.copy_.default and n.args[0] in index})
     bump = torch._C._increment_version
     if isinstance(traced, (tuple, list)):
         def unpack(result):
@@ -318,8 +324,9 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
     inner: List[Tuple[object, object]] = []
 
     def inner_compile(gm, example_inputs, **kwargs):  # Inductor's own compilation, kept for _bare_call
+        shape = _graph_shape(gm)  # (before compiling: Inductor's passes rewrite the graph in place)
         out = compile_fx_inner(gm, example_inputs, **kwargs)
-        inner.append((gm, out))
+        inner.append((shape, out))
         return out
 
     # (AOTAutograd's cache would serve a cached wrapper without calling inner_compile; Inductor's

@@ -530,6 +530,36 @@ def test_bound_kernel_takes_numbers_as_float64_scalars():
         kern.bind(True, 0.7, device=torch.device("cpu"))
 
 
+def test_bare_calls_equal_eager_for_views_and_partial_writes():
+    """Called bare (without AOTAutograd's wrappers), a kernel that returns a view of an input or
+    writes a slice of one still equals eager: the writes land, the view reads the input's memory,
+    and the written input's version counter moves."""
+    from optimizers.compiled import TensorKernel
+
+    def view_out(a, b, s):
+        b.add_(a * s)
+        return a[1:3], (a * b).sum()
+
+    def write_slice(a, b, s):
+        b[:2].mul_(s)
+        return a.sum()
+
+    s = torch.tensor(0.5, dtype=torch.float64)
+    for fn in (view_out, write_slice):
+        kern = TensorKernel(fn, f"t_{fn.__name__}")
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
+        b1, b2 = b.clone(), b.clone()
+        version = b1._version
+        out1, out2 = kern(a, b1, s), fn(a, b2, s)
+        assert kern.bare_calls() == [True], fn.__name__
+        assert torch.equal(b1, b2) and b1._version > version
+        for x, y in zip(out1 if isinstance(out1, tuple) else (out1,), out2 if isinstance(out2, tuple) else (out2,)):
+            assert torch.allclose(x, y, rtol=1e-6, atol=1e-6)
+        if fn is view_out:
+            assert out1[0].data_ptr() == a[1:3].data_ptr()
+
+
 def test_tensor_kernel_falls_back_to_dynamo_when_the_direct_route_fails(monkeypatch, caplog):
     """The direct route uses private torch APIs: if it fails to compile, the kernel says so (a logged
     warning) and runs through torch.compile instead, with the same results."""
