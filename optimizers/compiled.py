@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -239,19 +240,44 @@ def _graph_output(graph) -> object:
     return next(node for node in graph.graph.nodes if node.op == "output").args[0]
 
 
-def _graph_shape(gm) -> Tuple[int, Tuple, List[int]]:
-    """``(inputs, outputs, written inputs)`` of the graph AOTAutograd hands to Inductor: how many
-    placeholders, the output values, and which placeholders a ``copy_`` writes (each input mutation
-    it keeps in the graph)."""
-    nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
-    outputs = tuple(next(n for n in nodes if n.op == "output").args[0])
-    written = sorted({index[n.args[0]] for n in nodes if n.op == "call_function"
-                      and n.target is torch.ops.aten.copy_.default and n.args[0] in index})
-    return len(index), outputs, written
+def _inductor_graph(compiled, depth: int = 8):
+    """The ``CompiledFxGraph`` (Inductor's compiled code) inside the callable ``compile_fx`` returned:
+    held by AOTAutograd's runtime wrappers, reached through their closures (whether compiled now or
+    served by AOTAutograd's cache); ``None`` if not found within ``depth`` levels."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    seen, frontier = set(), [compiled]
+    for _ in range(depth + 1):
+        found, nxt = None, []
+        for obj in frontier:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, CompiledFxGraph):
+                found = obj if found is None else found
+                continue
+            nxt += [c.cell_contents for c in (getattr(obj, "__closure__", None) or ()) if _has_contents(c)]
+            nxt += [v for v in getattr(obj, "__dict__", {}).values() if callable(v) or hasattr(v, "__dict__")]
+            nxt += [getattr(obj, a) for a in ("__wrapped__", "__self__") if hasattr(obj, a)]
+        if found is not None:
+            return found
+        frontier = nxt
+    return None
 
 
-def _bare_call(graph, inner: List[Tuple[Tuple, object]], n_args: int) -> Optional[Callable]:
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+# The generated Python wrapper's call: "def call(self, args):" then "arg0_1, arg1_1, ... = args"
+_CALL_ARGS = re.compile(r"def call\(self, args\):\s*\n\s*((?:\w+, )*\w+),? = args\n")
+
+
+def _bare_call(graph, compiled, n_args: int) -> Optional[Callable]:
     """Inductor's compiled code for ``graph`` called without AOTAutograd's runtime wrappers, or
     ``None`` when its graph is not the plain shape this relies on.
 
@@ -260,26 +286,22 @@ def _bare_call(graph, inner: List[Tuple[Tuple, object]], n_args: int) -> Optiona
     a kernel has streamed 120 MB through them (measured: a 64-element kernel, 181 us wrapped against
     64 us bare), and a step makes one call per tensor, each after one that streamed its tensor.
 
-    What they did that our kernels need is done here: the inputs the graph writes (``copy_`` into a
-    placeholder of Inductor's graph, where AOTAutograd has kept each input mutation) get their
-    autograd version counters bumped, and the outputs come back as the traced function returned
-    them. Anything else (extra inputs, outputs AOTAutograd would copy back itself, several
-    compiled graphs) keeps the wrapped call."""
-    from torch._inductor.output_code import CompiledFxGraph
-
-    if len(inner) != 1 or not isinstance(inner[0][1], CompiledFxGraph):
-        log.debug("kernel %s: %d compiled graphs, wrapped calls", graph.__class__.__name__, len(inner))
-        return None
-    (n_inputs, outputs, written), out = inner[0]
-    call = getattr(out, "current_callable", None)
+    What they did that our kernels need is done here: the inputs the compiled code writes
+    (Inductor's ``mutated_input_idxs``) get their autograd version counters bumped, and the
+    outputs come back as the traced function returned them. Anything else (other inputs than ours,
+    another number of outputs, code not found) keeps the wrapped call."""
+    found = _inductor_graph(compiled)
+    call = getattr(found, "current_callable", None)
+    match = _CALL_ARGS.search(getattr(found, "source_code", None) or "")
+    strides = getattr(found, "output_strides", None)
     traced = _graph_output(graph)
-    n_out = len(traced) if isinstance(traced, (tuple, list)) else int(traced is not None)
-    if traced is None and outputs == (None,):  # a function returning nothing: AOTAutograd's (None,)
-        outputs = ()
-    if call is None or n_inputs != n_args or len(outputs) != n_out:
-        log.debug("kernel %s: %d inputs for %d arguments, %d outputs for %d: wrapped calls",
-                  graph.__class__.__name__, n_inputs, n_args, len(outputs), n_out)
+    n_out = len(traced) if isinstance(traced, (tuple, list)) else 1  # (returning nothing: AOTAutograd's (None,))
+    n_inputs = len(match.group(1).split(", ")) if match else -1
+    if call is None or n_inputs != n_args or strides is None or len(strides) != n_out:
+        log.debug("kernel %s: compiled code with %d inputs for %d arguments, %s outputs for %d: wrapped calls",
+                  graph.__class__.__name__, n_inputs, n_args, None if strides is None else len(strides), n_out)
         return None
+    written = sorted(found.mutated_input_idxs)
     bump = torch._C._increment_version
     if isinstance(traced, (tuple, list)):
         def unpack(result):
@@ -310,8 +332,7 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
     (``optimizers.prefetch``). No 0/1 specialization and no duck sizing: a size or offset that
     happens to be 0, 1 or equal to another is not baked in."""
     # Private torch APIs (pinned torch): any failure here sends the kernel to the Dynamo route.
-    import torch._functorch.config as functorch_config
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
 
@@ -321,19 +342,9 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
         dynamic_sizes=[DimDynamic.DYNAMIC if i < n_big else DimDynamic.STATIC] * a.dim()))
         for i, a in enumerate(args)]
     streams: List[int] = []
-    inner: List[Tuple[object, object]] = []
-
-    def inner_compile(gm, example_inputs, **kwargs):  # Inductor's own compilation, kept for _bare_call
-        shape = _graph_shape(gm)  # (before compiling: Inductor's passes rewrite the graph in place)
-        out = compile_fx_inner(gm, example_inputs, **kwargs)
-        inner.append((shape, out))
-        return out
-
-    # (AOTAutograd's cache would serve a cached wrapper without calling inner_compile; Inductor's
-    # own cache still serves the compiled code.)
-    with torch.no_grad(), prefetching(streams), functorch_config.patch(enable_autograd_cache=False):
-        compiled = compile_fx(copy.deepcopy(graph), fakes, inner_compile=inner_compile)
-    compiled = _bare_call(graph, inner, len(args)) or compiled
+    with torch.no_grad(), prefetching(streams):
+        compiled = compile_fx(copy.deepcopy(graph), fakes)
+    compiled = _bare_call(graph, compiled, len(args)) or compiled
     code = shape_env.produce_guards_expression(fakes, ignore_static=False) or "True"
     expression = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
 
