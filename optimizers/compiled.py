@@ -193,11 +193,7 @@ class BoundKernel:
                 raise ValueError(f"kernel {kern.name}: 0-D arguments go last (or to bind())")
             hit = kern._calls[layout] = kern._resolve(tensors, self.scalars, self._stacked,
                                                       tuple(g for _, _, g in self._kinds))
-        sig, compiled, direct = hit
-        args = (*tensors, *self._stacked)
-        if direct and sig.returns_tuple and not getattr(compiled, "bare", False):  # (a list otherwise)
-            return lambda: tuple(compiled(*args))
-        return functools.partial(compiled, *args)
+        return functools.partial(hit[1], *tensors, *self._stacked)
 
 
 class _Signature:
@@ -206,7 +202,6 @@ class _Signature:
 
     def __init__(self, graph, n_tensors: int, direct: bool, name: str):
         self.graph, self.n_tensors, self.name, self.direct = graph, n_tensors, name, direct
-        self.returns_tuple = isinstance(_graph_output(graph), (tuple, list))
         self.compilations = 0
         self._dynamo: Optional[Callable] = None
         self._variants: List[Tuple[Callable, Callable[[Sequence[Tensor]], bool]]] = []  # (compiled, its guards)
@@ -344,7 +339,14 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
     streams: List[int] = []
     with torch.no_grad(), prefetching(streams):
         compiled = compile_fx(copy.deepcopy(graph), fakes)
-    compiled = _bare_call(graph, compiled, len(args)) or compiled
+    bare = _bare_call(graph, compiled, len(args))
+    if bare is not None:
+        compiled = bare
+    elif isinstance(_graph_output(graph), (tuple, list)):  # (the wrapped call returns a list)
+        wrapped = compiled
+
+        def compiled(*arguments):
+            return tuple(wrapped(*arguments))
     code = shape_env.produce_guards_expression(fakes, ignore_static=False) or "True"
     expression = compile(code, f"<guards of {graph.__class__.__name__}>", "eval")
 

@@ -318,19 +318,16 @@ class Family:
         reads and ``t`` are plain numbers and every value it computes is a finite float; ``None``
         otherwise (a tensor coefficient, an op without a float form, a NaN...): then use
         ``scalar_values``, which keeps torch's semantics for those."""
+        def number(v):  # a tensor, a complex power, an overflow, a NaN: torch's semantics decide
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _NotNumbers
+            return v
+
         def apply(op, args):
             fn = _PY_OPS.get(op) or _FLOAT_OPS.get(op)
             if fn is None:
                 raise _NotNumbers
-            v = fn(*args)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise _NotNumbers  # a complex power, an overflow, a NaN: torch's semantics decide
-            return v
-
-        def number(v):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise _NotNumbers
-            return v
+            return number(fn(*args))
 
         try:
             out = self._scalar_subexpressions(h, number(t), apply, number)
