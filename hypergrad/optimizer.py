@@ -14,7 +14,9 @@ the freshly updated hyperparameters of the level above (design.md §2.3).
 
 Two backends give the same numbers:
 
-* ``"functional"`` (default): the fold of ``torch.func.vjp`` closures above;
+* ``"functional"`` (default): the fold of ``torch.func.vjp`` closures above; the model-level update
+  and its vjp run chunk by chunk (``chunk_numel`` elements, as ``RuleOptimizer``'s update), their sum
+  the bucket's, so the temporaries of the recomputed update stay chunk-sized;
 * ``"graph"`` (gdtuo-style): each level's last update is kept in the autograd graph and one
   ``torch.autograd.grad`` call returns every level's hypergradient.
 
@@ -37,6 +39,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
+from optimizers.functional import chunk_spans, write_state_
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -227,7 +230,7 @@ class HyperOptimizer(RuleOptimizer):
         self._packed_grads: Dict[Tuple, Tensor] = {}  # fused path: this step's packed gradients, vjp -> update
         self._current_cache: Dict[int, Tuple[Dict, Dict[str, Tensor]]] = {}  # fused path: _current_buffer
         self._set_index: Dict[int, Tensor] = {}
-        self._index_cache: Dict[Tuple[int, ...], Tensor] = {}
+        self._index_cache: Dict[Tuple[int, ...], List[int]] = {}  # share='tensor': local numel per tensor
         self._perturbation: Optional[Tuple[int, int, float]] = None  # (level index, entry, amount): gradcheck only
 
     # ------------------------------------------------------------------ copy / pickle, new groups
@@ -334,9 +337,11 @@ class HyperOptimizer(RuleOptimizer):
 
     # ------------------------------------------------------------------ hyperparameters of each level
     def _model_h(self, group: Mapping, params: Sequence[Tensor], q1: Optional[Tensor],
-                 fixed: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
+                 fixed: Optional[Mapping[str, object]] = None,
+                 span: Optional[Tuple[int, int]] = None) -> Dict[str, object]:
         """Level-0 hyperparameters of a bucket: learned ones read from ``q1``, the rest ``fixed``
-        (by default the group's current values)."""
+        (by default the group's current values). ``span``: for the elements ``[start, stop)`` of
+        the bucket's flat tensors only (a chunk), which matters where they are per element."""
         h: Dict[str, object] = dict(self._fixed_hyperparameters(group) if fixed is None else fixed)
         if q1 is None or not self.learn:
             for n in self.learn:
@@ -351,13 +356,19 @@ class HyperOptimizer(RuleOptimizer):
         # share="tensor" with several tensors in the bucket: expand per element of the flat tensors,
         # which hold the local shards of DTensor parameters (so the local numel).
         key = tuple(map(id, params))
-        counts = self._index_cache.get(key)
-        if counts is None:
-            counts = torch.tensor([dtensor.local(p).numel() for p in params], device=q1.device)
-            self._index_cache[key] = counts
+        numels = self._index_cache.get(key)
+        if numels is None:
+            numels = self._index_cache[key] = [dtensor.local(p).numel() for p in params]
+        start, stop = (0, sum(numels)) if span is None else span
+        counts, offset = [], 0  # each tensor's number of elements in [start, stop)
+        for n_elements in numels:
+            counts.append(max(0, min(stop, offset + n_elements) - max(start, offset)))
+            offset += n_elements
+        inside = [i for i, c in enumerate(counts) if c]
+        counts_t = torch.tensor([counts[i] for i in inside], device=q1.device)
         for n in self.learn:
-            idx = torch.tensor([lay.index(s, n) for s in sets], device=q1.device)
-            h[n] = torch.repeat_interleave(q1[idx], counts)
+            idx = torch.tensor([lay.index(sets[i], n) for i in inside], device=q1.device)
+            h[n] = torch.repeat_interleave(q1[idx], counts_t)
         return h
 
     def _level_h(self, k: int, q_next: Optional[Tensor]) -> Dict[str, object]:
@@ -473,13 +484,15 @@ class HyperOptimizer(RuleOptimizer):
         return False
 
     # ------------------------------------------------------------------ the pure functions of the last updates
-    def _model_fn(self, rec: Dict):
-        """``q -> Delta`` for the bucket update recorded in ``rec`` (its inputs held fixed)."""
+    def _model_fn(self, rec: Dict, span: Optional[Tuple[int, int]] = None):
+        """``q -> Delta`` for the bucket update recorded in ``rec`` (its inputs held fixed); with
+        ``span = (start, stop)``, for those elements of the bucket only (a chunk)."""
         group = self.param_groups[rec["group"]]
+        g, state, x = _chunk_of(rec, span)
 
         def fn(q):
-            h = self._model_h(group, rec["params"], q, fixed=rec["fixed"])
-            delta, _ = displacement(self.family, rec["g"], rec["state"], rec["x"], h, rec["t"], rec["mode"])
+            h = self._model_h(group, rec["params"], q, fixed=rec["fixed"], span=span)
+            delta, _ = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
             return delta
 
         return fn
@@ -520,8 +533,13 @@ class HyperOptimizer(RuleOptimizer):
         d1 = self._fused_d1() if self.fused else torch.zeros_like(self._q[0])
         shard = torch.zeros_like(d1) if self._reduce_sharded else None
         for rec in ([] if self.fused else self._records0):
-            _, vjp_fn = torch.func.vjp(self._model_fn(rec), self._q[0])
-            (g_q,) = vjp_fn(self._cotangent(rec["params"], rec["g"].dtype))
+            # chunk by chunk (``chunk_numel``): the recomputed update's temporaries stay chunk-sized;
+            # the hypergradient is the sum of the chunks' vjps
+            cotangent = self._cotangent(rec["params"], rec["g"].dtype)
+            g_q = torch.zeros_like(self._q[0])
+            for span in chunk_spans(rec["g"].numel(), self.chunk_numel):
+                _, vjp_fn = torch.func.vjp(self._model_fn(rec, span), self._q[0])
+                g_q = g_q + vjp_fn(cotangent[span[0]:span[1]])[0]
             if shard is not None and dtensor.is_sharded(rec["params"][0]):
                 shard = shard + g_q  # this rank's part of a sum over all the shards
             else:
@@ -864,13 +882,16 @@ class HyperOptimizer(RuleOptimizer):
                        "g": _record(gs, bucket.dtype),
                        "x": _record(xs, bucket.dtype) if needs_param(self.family, group["weight_decay"], mode) else None,
                        "state": dict(bucket.flat)}
-                with torch.enable_grad() if graph else contextlib.nullcontext():
-                    h = self._model_h(group, params, q1, fixed=rec["fixed"])
-                    delta, new_state = displacement(self.family, rec["g"], rec["state"], rec["x"], h, rec["t"], mode)
                 if graph:
+                    with torch.enable_grad():
+                        h = self._model_h(group, params, q1, fixed=rec["fixed"])
+                        delta, new_state = displacement(self.family, rec["g"], rec["state"], rec["x"], h, rec["t"],
+                                                        mode)
                     graph_residual.append((params, delta))
                     delta = delta.detach()
                     new_state = {n: v.detach() for n, v in new_state.items()}
+                else:
+                    delta, new_state = self._chunked_update(group, rec, q1)
                 if self.nonfinite != "ignore" and not (bool(torch.isfinite(delta).all()) if self._reduce_group is None
                                                        else self._finite_on_all_ranks(delta)):
                     if self.nonfinite == "raise":
@@ -886,6 +907,35 @@ class HyperOptimizer(RuleOptimizer):
                 records.append(rec)
         self._records0 = records if record else None
         self._graph_residual = graph_residual if graph else None
+
+    def _chunked_update(self, group: Mapping, rec: Dict, q1: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """``displacement`` of the recorded bucket update, chunk by chunk (``chunk_numel``) into new
+        buffers: the delta and the new state (the old buffers stay as the record's). Elementwise, so
+        the numbers are those of one call over the bucket, with chunk-sized temporaries. A state whose
+        new value is the recorded gradient or parameter itself (MADA's g_prev) becomes that record,
+        as in one call over the bucket: no buffer of its own."""
+        delta = torch.empty_like(rec["g"])
+        new_state: Dict[str, Tensor] = {}
+        scalars: Dict[str, Tensor] = {}
+        for span in chunk_spans(rec["g"].numel(), self.chunk_numel) or [(0, 0)]:  # (empty: scalars still advance)
+            g, state, x = _chunk_of(rec, span)
+            h = self._model_h(group, rec["params"], q1, fixed=rec["fixed"], span=span)
+            d, new = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
+            delta[span[0]:span[1]].copy_(d)
+            targets, values = {}, {}
+            for n, value in new.items():
+                if rec["state"][n].dim() != 0 and (value is g or value is x):
+                    new_state[n] = rec["g"] if value is g else rec["x"]
+                    continue
+                if n not in new_state:
+                    old = rec["state"][n]
+                    new_state[n] = old if old.dim() == 0 else torch.empty_like(old)
+                buf = new_state[n]
+                targets[n], values[n] = (buf if buf.dim() == 0 else buf[span[0]:span[1]]), value
+            write_state_(targets, values, scalars)
+        for n, value in scalars.items():  # a scalar buffer: a new tensor (the old one is the record's)
+            new_state[n] = value.clone()
+        return delta, new_state
 
     def _step_partition(self, params: Sequence[Tensor]):
         """``_partition``'s buckets, with sharded DTensors apart from replicated ones: the hypergradient
@@ -1049,6 +1099,15 @@ class _ParamState(dict):
 
     def __reduce__(self):
         return dict, (dict(self.items()),)
+
+
+def _chunk_of(rec: Dict, span: Optional[Tuple[int, int]]):
+    """``(g, state, x)`` of a record, or their slices ``[start, stop)`` (scalar buffers whole)."""
+    if span is None:
+        return rec["g"], rec["state"], rec["x"]
+    sl = slice(*span)
+    state = {n: (b if b.dim() == 0 else b[sl]) for n, b in rec["state"].items()}
+    return rec["g"][sl], state, (None if rec["x"] is None else rec["x"][sl])
 
 
 def _record(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

@@ -3,9 +3,11 @@
 Why flat buffers: a rule is ~10-40 elementwise operations. Run per parameter tensor, that is a
 Python loop of many small kernels (what the reference MADA code does, 6.5x slower than Adam).
 Here the parameters of a param group that share dtype, device and step count form a *bucket*:
-their optimizer buffers live in one contiguous tensor per buffer name, gradients are gathered
-with one ``torch.cat``, the rule runs once on the flat tensors, and the update is scattered back
-with one ``torch._foreach_sub_``.
+their optimizer buffers live in one contiguous tensor per buffer name, and the rule runs on
+chunks of ``chunk_numel`` elements of the bucket (``functional.apply_update``): per chunk the
+gradients are gathered with one ``torch.cat``, the buffers' slices are written in place, and the
+update is scattered back with one ``torch._foreach_add_``. Chunks keep the rule's temporaries in
+cache instead of allocating parameter-sized ones.
 
 ``optimizer.state[p]`` keeps the torch layout (``{"step": int, "exp_avg": tensor, ...}``), where
 each tensor is a view into its bucket, so ``state_dict`` / ``load_state_dict`` interoperate with
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
-from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
+from .functional import CHUNK_NUMEL, apply_update, displacement, flatten, needs_param, unflatten_like
 from .compiled import SegmentPlan
 from .fused import FusedKernel
 from .rules import get_rule
@@ -131,7 +133,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             parameter's dtype. ``state_dict`` keeps the buffers in this dtype.
         **coefficients: values of the family's coefficients (``beta1=0.9``...); ``betas=(b1, b2)``
             is accepted for families with ``beta1``/``beta2``. Each must lie in its domain.
+
+    Attribute ``chunk_numel`` (default ``functional.CHUNK_NUMEL``, 2**18): elements per chunk of the
+    non-fused update, which bounds its temporaries; any value gives the same numbers.
     """
+
+    chunk_numel: int = CHUNK_NUMEL
 
     def __init__(self, params, family, lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: Optional[str] = None, fused: bool = False,
@@ -352,9 +359,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                     kernel(xs, gs, bucket.flat, {**h, "lr": group["lr"], "weight_decay": group["weight_decay"]}, t,
                            bucket.dtype, bucket.plan())
                 else:
-                    new_state = apply_update(self.family, xs, gs, bucket.flat, h, group["lr"], group["weight_decay"],
-                                             group["weight_decay_mode"], t, dtype=bucket.dtype)
-                    self._install_state(bucket, new_state)
+                    apply_update(self.family, xs, gs, bucket.flat, h, group["lr"], group["weight_decay"],
+                                 group["weight_decay_mode"], t, dtype=bucket.dtype, chunk_numel=self.chunk_numel)
                 for p in params:
                     self.state[p]["step"] = step + 1
         return loss

@@ -1,8 +1,8 @@
 """Fused update kernels: one compiled, in-place kernel per parameter tensor (or run of small ones).
 
 An eager step runs the rule's ~10-40 elementwise operations one after another, each reading and
-writing a full parameter-sized temporary; on a CPU the step is then dominated by memory traffic
-and by page faults for the temporaries. Inductor (through ``optimizers.compiled.TensorKernel``)
+writing a temporary (chunk-sized, ``functional.apply_update``); on a CPU the step is then
+dominated by memory traffic and by the dispatch of each operation. Inductor (through ``optimizers.compiled.TensorKernel``)
 fuses the whole rule ``displacement`` plus the in-place writes of the new buffers and of the
 parameter into one loop: each buffer is read once and written once, which is the memory-bandwidth
 floor of the rule.
