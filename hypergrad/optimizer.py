@@ -869,6 +869,9 @@ class HyperOptimizer(RuleOptimizer):
             q1 = self._q[0]
         self._graph_chain = None
         records, graph_residual = [], []
+        # The last step's records have served their vjp: let them go before this update's new buffers
+        # and records are made (their state buffers, 6 for MADA, would otherwise be alive with them).
+        self._records0 = None
         for gi, group in enumerate(self.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
