@@ -1118,8 +1118,8 @@ def verdicts(report: dict) -> List[dict]:
                    and CANDIDATE_INFO.get(n) and CANDIDATE_INFO[n].kind in ("torch_adamw", "rule_fused", "hyper_fused")]
         add(f"measured peak above the model within {TARGET_PEAK}x of the buffer-count prediction",
             ", ".join(f"{n} {r['peak_over_prediction']:.2f}x" for n, r in far.items()) if far else "all within",
-            not far, (f"torch and fused paths: at most {max(inplace):.2f}x; " if inplace else "")
-            + ("over: " + ", ".join(far) if far else ""))
+            not far, "; ".join(([f"torch and fused paths: at most {max(inplace):.2f}x"] if inplace else [])
+                               + (["over: " + ", ".join(far)] if far else [])))
         if HYPER_MAIN in res:
             add("peak memory above the model vs fused AdamW (report only)",
                 f"{res[HYPER_MAIN]['peak_vs_fused_adamw']:.2f}x ({HYPER_MAIN})", None, "")
