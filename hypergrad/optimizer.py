@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import chunk_spans, write_state_
+from optimizers.functional import chunk_spans, default_chunk_numel, write_state_
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -537,7 +537,7 @@ class HyperOptimizer(RuleOptimizer):
             # the hypergradient is the sum of the chunks' vjps
             cotangent = self._cotangent(rec["params"], rec["g"].dtype)
             g_q = torch.zeros_like(self._q[0])
-            for span in chunk_spans(rec["g"].numel(), self.chunk_numel):
+            for span in chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device)):
                 _, vjp_fn = torch.func.vjp(self._model_fn(rec, span), self._q[0])
                 g_q = g_q + vjp_fn(cotangent[span[0]:span[1]])[0]
             if shard is not None and dtensor.is_sharded(rec["params"][0]):
@@ -920,7 +920,8 @@ class HyperOptimizer(RuleOptimizer):
         delta = torch.empty_like(rec["g"])
         new_state: Dict[str, Tensor] = {}
         scalars: Dict[str, Tensor] = {}
-        for span in chunk_spans(rec["g"].numel(), self.chunk_numel) or [(0, 0)]:  # (empty: scalars still advance)
+        spans = chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device))
+        for span in spans or [(0, 0)]:  # (empty: scalars still advance)
             g, state, x = _chunk_of(rec, span)
             h = self._model_h(group, rec["params"], q1, fixed=rec["fixed"], span=span)
             d, new = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
-from .functional import CHUNK_NUMEL, apply_update, displacement, flatten, needs_param, unflatten_like
+from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
 from .compiled import SegmentPlan
 from .fused import FusedKernel
 from .rules import get_rule
@@ -134,11 +134,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         **coefficients: values of the family's coefficients (``beta1=0.9``...); ``betas=(b1, b2)``
             is accepted for families with ``beta1``/``beta2``. Each must lie in its domain.
 
-    Attribute ``chunk_numel`` (default ``functional.CHUNK_NUMEL``, 2**18): elements per chunk of the
-    non-fused update, which bounds its temporaries; any value gives the same numbers.
+    Attribute ``chunk_numel``: elements per chunk of the non-fused update, which bounds its
+    temporaries; any value gives the same numbers. ``None`` (default): ``functional.CHUNK_NUMEL``
+    (2**18) on a CPU, one chunk per bucket on other devices.
     """
 
-    chunk_numel: int = CHUNK_NUMEL
+    chunk_numel: Optional[int] = None
 
     def __init__(self, params, family, lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: Optional[str] = None, fused: bool = False,

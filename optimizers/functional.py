@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .family import Family
 
-__all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL", "chunk_spans",
-           "chunk_plan", "gather", "scatter_add_", "write_state_"]
+__all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL", "default_chunk_numel",
+           "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -67,28 +67,44 @@ def needs_param(family: Family, weight_decay, weight_decay_mode: str) -> bool:
     return family.uses_param or not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
 
-# Elements per chunk of the eager (non-compiled) update. Why chunks: the rule is tens of elementwise
-# operations, each of which allocates a temporary; over a whole bucket those are parameter-sized
-# (MADA: ~49 per step on the eager path), each a fresh mapping from the OS, so the step was bound by
-# page faults (1 s on a 10.75M-parameter model, 17 buffers at peak). Chunks of 1 MiB (float32)
-# keep the temporaries in cache and reuse freed memory: 2.7x faster, and the peak is the state
-# plus about one buffer.
+# Elements per chunk of the eager (non-compiled) update on a CPU. Why chunks: the rule is tens of
+# elementwise operations, each of which allocates a temporary; over a whole bucket those are
+# parameter-sized (MADA: ~49 per step on the eager path), each a fresh mapping from the OS, so the
+# step was bound by page faults (1 s on a 10.75M-parameter model, 17 buffers at peak). Chunks of
+# 1 MiB (float32) keep the temporaries in cache and reuse freed memory: 2.7x faster, and the peak
+# is the state plus about one buffer. On a GPU the caching allocator reuses its memory and each
+# chunk would cost every operation's launch again, so there the default is one chunk.
 CHUNK_NUMEL = 1 << 18
 
 
-def chunk_spans(total: int, chunk_numel: int = CHUNK_NUMEL) -> List[Tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``range(total)`` in consecutive chunks of at most ``chunk_numel``."""
+def default_chunk_numel(chunk_numel: Optional[int], device: torch.device) -> Optional[int]:
+    """``chunk_numel`` itself, or for ``None`` the default on ``device``: ``CHUNK_NUMEL`` on a CPU,
+    ``None`` (one chunk) elsewhere."""
+    if chunk_numel is None:
+        return CHUNK_NUMEL if device.type == "cpu" else None
     if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1:
-        raise ValueError(f"chunk_numel must be an int >= 1, got {chunk_numel!r}")
+        raise ValueError(f"chunk_numel must be an int >= 1 or None (the device's default), got {chunk_numel!r}")
+    return chunk_numel
+
+
+def chunk_spans(total: int, chunk_numel: Optional[int]) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(total)`` in consecutive chunks of at most ``chunk_numel``
+    (``None``: one chunk)."""
+    if chunk_numel is None:
+        return [(0, total)] if total else []
+    default_chunk_numel(chunk_numel, torch.device("cpu"))  # checks it
     return [(a, min(a + chunk_numel, total)) for a in range(0, total, chunk_numel)]
 
 
-def chunk_plan(tensors: Sequence[Tensor], chunk_numel: int = CHUNK_NUMEL) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+def chunk_plan(tensors: Sequence[Tensor], chunk_numel: Optional[int]) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
     """The chunks of ``tensors`` laid out back to back (as ``flatten`` lays them out), as
     ``(start, stop, pieces)``: ``[start, stop)`` in the flat layout, ``pieces`` the
     ``(tensor index, first, last)`` element ranges it covers, in order. A contiguous tensor may be
     split between chunks; a strided one is never split (its elements are only addressable in its
-    own shape), so its chunk may exceed ``chunk_numel``."""
+    own shape), so its chunk may exceed ``chunk_numel`` (``None``: no limit)."""
+    if chunk_numel is None:
+        chunk_numel = max(1, sum(t.numel() for t in tensors))
+    default_chunk_numel(chunk_numel, torch.device("cpu"))  # checks it
     spans: List[Tuple[int, int, List[Tuple[int, int, int]]]] = []
     offset, room = 0, 0  # room: elements the last chunk can still take
     for i, t in enumerate(tensors):
@@ -164,14 +180,15 @@ def apply_update(
     weight_decay_mode: str,
     t,
     dtype: Optional[torch.dtype] = None,
-    chunk_numel: int = CHUNK_NUMEL,
+    chunk_numel: Optional[int] = None,
 ) -> Mapping[str, Tensor]:
     """One in-place step of ``family`` on a bucket of parameters: the parameters and the flat buffers
     ``state`` are updated in place (returned).
 
     ``state`` holds flat buffers (1-D, total numel of ``params``; 0-D for scalar states), ``h`` the
     coefficients, ``t`` the 1-based step count. The update is ``displacement``'s, run chunk by chunk
-    (``chunk_plan``, ``chunk_numel`` elements each): every operation of the rule is elementwise, so
+    (``chunk_plan``, ``chunk_numel`` elements each; ``None``: ``default_chunk_numel`` for the
+    parameters' device): every operation of the rule is elementwise, so
     the numbers are those of one call over the whole bucket, and the temporaries are chunk-sized. A
     scalar state (0-D, e.g. NAdam's running product) is the same in every chunk and is written once,
     after the last. ``dtype``: compute in it (the buffers' dtype) when it differs from the
@@ -181,6 +198,7 @@ def apply_update(
     hyper = {**h, "lr": lr, "weight_decay": weight_decay}
     read_x = needs_param(family, weight_decay, weight_decay_mode)
     scalars: Dict[str, Tensor] = {}
+    chunk_numel = default_chunk_numel(chunk_numel, params[0].device)
     for start, stop, pieces in chunk_plan(params, chunk_numel) or [(0, 0, [])]:
         # Copies, not views: a new buffer may be the gradient or the parameter itself (Adan's g_prev,
         # a state defined as ``param``), and the parameter is written below.

@@ -8,7 +8,7 @@ from torch import nn
 import hypergrad as H
 import optimizers as O
 from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
-from optimizers.functional import chunk_plan, chunk_spans, gather, scatter_add_
+from optimizers.functional import CHUNK_NUMEL, chunk_plan, chunk_spans, default_chunk_numel, gather, scatter_add_
 
 WHOLE = 1 << 40  # one chunk per bucket
 
@@ -46,12 +46,18 @@ def test_scatter_add_writes_each_piece_into_its_tensor():
         assert torch.equal(t, e)
 
 
-def test_chunk_sizes_are_checked():
+def test_chunk_sizes_are_checked_and_default_per_device():
     assert chunk_spans(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert chunk_spans(0, 4) == []
+    assert chunk_spans(0, 4) == [] and chunk_spans(10, None) == [(0, 10)]
+    assert [(a, b) for a, b, _ in chunk_plan(_tensors(), None)] == [(0, 17), (17, 29), (29, 51)]  # strided apart
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="chunk_numel"):
             chunk_spans(10, bad)
+        with pytest.raises(ValueError, match="chunk_numel"):
+            default_chunk_numel(bad, torch.device("cpu"))
+    assert default_chunk_numel(None, torch.device("cpu")) == CHUNK_NUMEL
+    assert default_chunk_numel(None, torch.device("meta")) is None  # a GPU's allocator reuses memory
+    assert default_chunk_numel(7, torch.device("meta")) == 7
 
 
 def _rule_run(name, chunk_numel, dtype=torch.float64, state_dtype=None, steps=6):
