@@ -130,12 +130,12 @@ def _piece(t: Tensor, first: int, last: int) -> Tensor:
 
 
 def gather(tensors: Sequence[Tensor], pieces: Sequence[Tuple[int, int, int]], dtype: torch.dtype) -> Tensor:
-    """A new flat tensor of ``dtype`` holding ``pieces`` (``chunk_plan``) of ``tensors`` back to back."""
+    """A flat tensor of ``dtype`` holding ``pieces`` (``chunk_plan``) of ``tensors`` back to back: a
+    view when that is one piece of a contiguous tensor of that dtype, a new tensor otherwise."""
     parts = [_piece(tensors[i], a, b) for i, a, b in pieces]
     if not parts:  # an empty bucket (its scalar states still advance)
         return torch.empty(0, dtype=dtype, device=tensors[0].device)
-    flat = parts[0].clone() if len(parts) == 1 else torch.cat(parts)
-    return flat if flat.dtype == dtype else flat.to(dtype)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
 def scatter_add_(tensors: Sequence[Tensor], pieces: Sequence[Tuple[int, int, int]], flat: Tensor) -> None:
@@ -200,8 +200,9 @@ def apply_update(
     scalars: Dict[str, Tensor] = {}
     chunk_numel = default_chunk_numel(chunk_numel, params[0].device)
     for start, stop, pieces in chunk_plan(params, chunk_numel) or [(0, 0, [])]:
-        # Copies, not views: a new buffer may be the gradient or the parameter itself (Adan's g_prev,
-        # a state defined as ``param``), and the parameter is written below.
+        # Views where they can be: the rule is pure, a new value that is the gradient or the parameter
+        # itself (Adan's g_prev, a state defined as ``param``) is copied into its buffer before the
+        # parameter is written, and a value that is an old buffer's slice is copied out first.
         flat_g = gather(grads, pieces, dtype)
         flat_x = gather(params, pieces, dtype) if read_x else None
         chunk = {n: (b if b.dim() == 0 else b[start:stop]) for n, b in state.items()}
