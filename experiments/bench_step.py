@@ -889,25 +889,9 @@ def _update_io(x, g, g_last, g_store, *states):
     g_store.copy_(g)
 
 
-def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed: int = 0,
-                 progress: bool = True) -> dict:
-    """(g) The two compiled kernels of a fused hyper-learning MADA step, each timed alone on one flat
-    float32 tensor of ``numel`` elements (no Python loop over tensors, no packing), interleaved with
-    ``torch.optim.AdamW(fused=True)`` on a tensor of the same size and with the plain MADA update kernel:
-
-    * ``vjp``: the partial hypergradient of the recorded update (reads the S buffers before it, its
-      gradient and the new gradient: S + 2), ``HyperKernels.partial_for``;
-    * ``update``: the model update that first advances the buffers past the recorded update, then
-      records this one (reads S + 3, writes S + 2), ``HyperKernels.update_for``;
-    * ``rule``: the fixed-coefficient MADA update (2S + 3), ``FusedKernel``.
-
-    *floor B/p* as in table (a); *efficiency* = floor x / measured x: near 1 a kernel moves bytes as
-    fast as fused AdamW does, well below 1 it is bound by its arithmetic instead.
-
-    ``vjp_io``, ``update_io``, ``rule_io``: kernels compiled the same way with the same reads, writes
-    and reductions (one per learned coefficient) but next to no arithmetic: the cost of the memory
-    traffic alone, as this machine serves it (a loop reading many streams gets fewer bytes per second
-    than fused AdamW's four)."""
+def _kernel_calls(numel: int, device: torch.device, seed: int = 0
+                  ) -> Tuple[Dict[str, object], Dict[str, int], int, int]:
+    """The calls of ``kernel_table`` on tensors of ``numel`` elements: ``(calls, floors B/p, S, reductions)``."""
     from hypergrad.fused import HyperKernels
     from optimizers.fused import FusedKernel
 
@@ -953,6 +937,37 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
              "rule_io": _Call(lambda: rule_io(x_io_rule, g, *io_rule_states))}
     floors = {FUSED: 7, "vjp": S + 2, "update": 2 * S + 5, "rule": 2 * S + 3,
               "vjp_io": S + 2, "update_io": 2 * S + 5, "rule_io": 2 * S + 3}
+    return calls, floors, S, len(learn)
+
+
+def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed: int = 0,
+                 progress: bool = True, in_cache_sizes: Sequence[int] = (8192, 16384),
+                 in_cache_calls: int = 40) -> dict:
+    """(g) The two compiled kernels of a fused hyper-learning MADA step, each timed alone on one flat
+    float32 tensor of ``numel`` elements (no Python loop over tensors, no packing), interleaved with
+    ``torch.optim.AdamW(fused=True)`` on a tensor of the same size and with the plain MADA update kernel:
+
+    * ``vjp``: the partial hypergradient of the recorded update (reads the S buffers before it, its
+      gradient and the new gradient: S + 2), ``HyperKernels.partial_for``;
+    * ``update``: the model update that first advances the buffers past the recorded update, then
+      records this one (reads S + 3, writes S + 2), ``HyperKernels.update_for``;
+    * ``rule``: the fixed-coefficient MADA update (2S + 3), ``FusedKernel``.
+
+    *floor B/p* as in table (a); *efficiency* = floor x / measured x: near 1 a kernel moves bytes as
+    fast as fused AdamW does, well below 1 it is bound by its arithmetic instead.
+
+    ``vjp_io``, ``update_io``, ``rule_io``: kernels compiled the same way with the same reads, writes
+    and reductions (one per learned coefficient) but next to no arithmetic: the cost of the memory
+    traffic alone, as this machine serves it (a loop reading many streams gets fewer bytes per second
+    than fused AdamW's four).
+
+    ``in_cache_sizes`` (two sizes, default 8192 and 16384 elements: every buffer of the largest kernel
+    fits a core's L2 cache): each kernel is also timed on tensors of these sizes, ``in_cache_calls``
+    calls back to back per reading, and the difference between the two sizes per element is its
+    cost without memory traffic or per-call overhead: the arithmetic (*in-cache ns/el*). Against
+    fused AdamW's whole step per element on the large tensor (*arith x*), it is a second floor,
+    next to the traffic-only kernels': a kernel cannot run faster than its arithmetic."""
+    calls, floors, S, reductions = _kernel_calls(numel, device, seed)
     times = time_steps(calls, steps, warmup, progress, device=device, desc=f"kernels {numel / 1e6:.1f}M")
     ref = statistics.median(times[FUSED])
     results = {}
@@ -963,7 +978,36 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
                       "paired_ratio_to_fused": paired_ratio(ts, times[FUSED]), "n": len(ts),
                       "floor_bytes": floors[n], "floor_ratio": floor_x, "floor_efficiency": floor_x / (med / ref),
                       "achieved_gb_s": floors[n] * numel * 4 / (med / 1e3) / 1e9}
-    return {"numel": numel, "states": S, "reductions": len(learn), "steps": steps, "results": results}
+    if in_cache_sizes:
+        per_element = in_cache_ns(in_cache_sizes, in_cache_calls, steps, device, seed, progress)
+        adamw_ns = results[FUSED]["median_ms"] * 1e6 / numel
+        for n, ns in per_element.items():
+            results[n]["in_cache_ns"] = ns
+            results[n]["arith_ratio"] = ns / adamw_ns
+    return {"numel": numel, "states": S, "reductions": reductions, "steps": steps, "results": results,
+            "in_cache_sizes": list(in_cache_sizes or ()), "in_cache_calls": in_cache_calls}
+
+
+def in_cache_ns(sizes: Sequence[int], calls_per_reading: int, rounds: int, device: torch.device, seed: int = 0,
+                progress: bool = True) -> Dict[str, float]:
+    """Per kernel of ``kernel_table``: nanoseconds per element with its tensors in cache, from two sizes
+    (``sizes``, small enough for a core's L2): the median time of ``calls_per_reading`` calls back to
+    back at each size, over ``rounds`` interleaved rounds; their difference per element removes the
+    per-call overhead, and the caches remove the memory traffic."""
+    if len(sizes) != 2 or not 0 < sizes[0] < sizes[1]:
+        raise ValueError(f"in_cache_sizes must be two sizes, smaller first, got {sizes!r}")
+    batches = {}
+    for size in sizes:
+        calls, _, _, _ = _kernel_calls(size, device, seed)
+        for n, c in calls.items():
+            batches[f"{n}@{size}"] = _Call(lambda c=c: [c.step() for _ in range(calls_per_reading)])
+    times = time_steps(batches, rounds, 2, progress, device=device, desc="kernels in cache")
+    small, large = sizes
+    names = dict.fromkeys(key.rsplit("@", 1)[0] for key in batches)
+    return {n: (statistics.median(times[f"{n}@{large}"]) - statistics.median(times[f"{n}@{small}"])) * 1e6
+            / calls_per_reading / (large - small) for n in names}
+
+
 
 
 def scaling_table(sizes_m: Sequence[float], names: Sequence[str], steps: int, warmup: int, device: torch.device,
@@ -1552,17 +1596,36 @@ def write_doc(report: dict, path: Path) -> str:
           "its arithmetic, or its loop reads more streams than this machine serves at fused AdamW's rate. "
           "*vjp_io*, *update_io*, *rule_io*: kernels compiled the same way with the same reads, writes and "
           f"reductions ({kt.get('reductions', '?')}: one per learned coefficient) and next to no arithmetic, "
-          "the cost of the memory traffic alone on this machine.")
+          "the cost of the memory traffic alone on this machine." + (
+              f" *in-cache ns/el*: the same kernel on tensors of {kt['in_cache_sizes'][0]} and "
+              f"{kt['in_cache_sizes'][1]} elements (every buffer in a core's L2 cache), {kt['in_cache_calls']} calls "
+              "back to back per reading; the difference between the two sizes per element is its cost without "
+              "memory traffic or per-call overhead, its arithmetic. *arith x*: that cost over fused AdamW's whole "
+              "step per element (large tensor): a floor set by the arithmetic, as *floor x* is one set by the "
+              "bytes." if kt.get("in_cache_sizes") else ""))
         w("")
-        w("| kernel | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency | GB/s |")
-        w("|---|---:|---:|---|---:|---:|---:|---:|")
+        cache = bool(kt.get("in_cache_sizes"))
+        w("| kernel | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency | GB/s |"
+          + (" in-cache ns/el | arith x |" if cache else ""))
+        w("|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if cache else ""))
         for n, r in kt["results"].items():
             pr = r["paired_ratio_to_fused"]
             w(f"| {n} | {r['median_ms']:.1f} | {r['ratio_to_fused']:.2f} | {pr['median']:.2f} ({pr['p25']:.2f}-"
               f"{pr['p75']:.2f}) | {r['floor_bytes']} | {r['floor_ratio']:.2f} | {r['floor_efficiency']:.2f} "
-              f"| {r['achieved_gb_s']:.1f} |")
+              f"| {r['achieved_gb_s']:.1f} |" + (f" {r['in_cache_ns']:.2f} | {r['arith_ratio']:.2f} |" if cache else ""))
         w("")
         res = kt["results"]
+        if cache:
+            arith = res["vjp"]["arith_ratio"] + res["update"]["arith_ratio"]
+            w(f"Their arithmetic alone (in cache, vjp + update) costs {arith:.2f}x fused AdamW's step: "
+              + (f"above the {TARGET_HYPER}x target by itself, even if no byte had to come from memory and no call "
+                 "cost anything." if arith > TARGET_HYPER else
+                 f"within the {TARGET_HYPER}x target; traffic and per-call costs come on top.")
+              + f" The vjp kernel's arithmetic alone is {res['vjp']['arith_ratio']:.2f}x, against its "
+              f"{res['vjp']['floor_ratio']:.2f}x floor of bytes: "
+              + ("it is bound by its arithmetic." if res["vjp"]["arith_ratio"] > res["vjp"]["floor_ratio"]
+                 else "its bytes weigh more than its arithmetic."))
+            w("")
         vj, up = res["vjp"], res["update"]
         w(f"The two kernels of a step together: {vj['ratio_to_fused'] + up['ratio_to_fused']:.2f}x fused AdamW "
           f"against a floor of {vj['floor_ratio'] + up['floor_ratio']:.2f}x; the vjp kernel runs at "

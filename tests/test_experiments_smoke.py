@@ -121,6 +121,10 @@ def test_bench_step_kernel_table():
                       "vjp_io": 8, "update_io": 17, "rule_io": 15}
     for r in tab["results"].values():
         assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
+        assert math.isfinite(r["in_cache_ns"]) and math.isfinite(r["arith_ratio"])  # (the arithmetic, in cache)
+    assert tab["in_cache_sizes"] == [8192, 16384]
+    with pytest.raises(ValueError, match="in_cache_sizes"):
+        bench_step.in_cache_ns([16384, 8192], 2, 2, torch.device("cpu"), progress=False)
 
 
 @pytest.mark.parametrize("n_states, reductions", [(6, 6), (6, 3), (2, 4)])
@@ -263,7 +267,7 @@ def test_bench_run_all_and_doc_on_tiny_models(tmp_path):
     text = bench_step.write_doc(report, doc)
     assert doc.read_text() == text
     for heading in ("## Verdicts", "## (a)", "## (b)", "## (d)", "## (e)", "## (f)", "## (g)", "| vjp |",
-                    report["torch"]):
+                    "in-cache ns/el | arith x |", "Their arithmetic alone", report["torch"]):
         assert heading in text
     assert "| mada_hyper | hyper eager |" in text
     assert "forward in torch.bfloat16 autocast" in text and "tokens/s" in text
