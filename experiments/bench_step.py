@@ -1101,6 +1101,8 @@ def verdicts(report: dict) -> List[dict]:
     io = (report.get("kernels") or {}).get("results", {})
     hyper_io = (f"; its memory traffic alone (g): {io['vjp_io']['ratio_to_fused'] + io['update_io']['ratio_to_fused']:.2f}x"
                 if "vjp_io" in io else "")
+    if "arith_ratio" in io.get("vjp", {}):
+        hyper_io += f"; its arithmetic alone (g): {io['vjp']['arith_ratio'] + io['update']['arith_ratio']:.2f}x"
     rule_io = f"; mada's traffic alone (g): {io['rule_io']['ratio_to_fused']:.2f}x" if "rule_io" in io else ""
     for model, tab in steps.items():
         res = tab["results"]
