@@ -961,10 +961,11 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
     traffic alone, as this machine serves it (a loop reading many streams gets fewer bytes per second
     than fused AdamW's four).
 
-    ``in_cache_sizes`` (two sizes, default 4096 and 20480 elements: the 17 buffers of the largest kernel
-    fit a core's L2 cache): each kernel is also timed on tensors of these sizes, ``in_cache_calls``
-    calls back to back per reading, ``in_cache_rounds`` rounds, and the difference between the two sizes per element is its
-    cost without memory traffic or per-call overhead: the arithmetic (*in-cache ns/el*). Against
+    ``in_cache_sizes`` (two sizes, default 4096 and 20480 elements: the 17 buffers of the largest
+    kernel fit a core's L2 cache): each kernel is also timed on tensors of these sizes
+    (``in_cache_ns``: ``in_cache_calls`` calls back to back per reading, ``in_cache_rounds`` rounds),
+    and the median difference between the two sizes per element is its cost without memory traffic
+    or per-call overhead: the arithmetic (*in-cache ns/el*). Against
     fused AdamW's whole step per element on the large tensor (*arith x*), it is a second floor,
     next to the traffic-only kernels': a kernel cannot run faster than its arithmetic."""
     calls, floors, S, reductions = _kernel_calls(numel, device, seed)
@@ -992,10 +993,10 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
 def in_cache_ns(sizes: Sequence[int], calls_per_reading: int, rounds: int, device: torch.device, seed: int = 0,
                 progress: bool = True) -> Dict[str, float]:
     """Per kernel of ``kernel_table``: nanoseconds per element with its tensors in cache, from two sizes
-    (``sizes``, small enough for a core's L2): the median time of ``calls_per_reading`` calls back to
-    back at each size, interleaved over ``rounds`` rounds; the median over rounds of the difference
-    between the two sizes, per element, removes the per-call overhead, and the caches remove the
-    memory traffic."""
+    (``sizes``, small enough for a core's L2): each reading times ``calls_per_reading`` calls back to
+    back, both sizes in each of ``rounds`` interleaved rounds; the median over rounds of the
+    difference between the two sizes, per element, removes the per-call overhead, and the caches
+    remove the memory traffic."""
     if len(sizes) != 2 or not 0 < sizes[0] < sizes[1]:
         raise ValueError(f"in_cache_sizes must be two sizes, smaller first, got {sizes!r}")
     batches = {}
@@ -1010,8 +1011,6 @@ def in_cache_ns(sizes: Sequence[int], calls_per_reading: int, rounds: int, devic
     names = dict.fromkeys(key.rsplit("@", 1)[0] for key in batches)
     return {n: statistics.median(a - b for a, b in zip(times[f"{n}@{large}"], times[f"{n}@{small}"])) * 1e6
             / calls_per_reading / (large - small) for n in names}
-
-
 
 
 def scaling_table(sizes_m: Sequence[float], names: Sequence[str], steps: int, warmup: int, device: torch.device,
@@ -1604,9 +1603,10 @@ def write_doc(report: dict, path: Path) -> str:
           f"reductions ({kt.get('reductions', '?')}: one per learned coefficient) and next to no arithmetic, "
           "the cost of the memory traffic alone on this machine." + (
               f" *in-cache ns/el*: the same kernel on tensors of {kt['in_cache_sizes'][0]} and "
-              f"{kt['in_cache_sizes'][1]} elements (every buffer in a core's L2 cache), {kt['in_cache_calls']} calls "
-              f"back to back per reading, {kt.get('in_cache_rounds', kt['steps'])} interleaved rounds; the median difference between the two sizes per element is its cost without "
-              "memory traffic or per-call overhead, its arithmetic. *arith x*: that cost over fused AdamW's whole "
+              f"{kt['in_cache_sizes'][1]} elements (every buffer in a core's L2 cache), {kt['in_cache_calls']} "
+              f"calls back to back per reading, {kt.get('in_cache_rounds', kt['steps'])} interleaved rounds; the "
+              "median difference between the two sizes per element is its cost without memory traffic or per-call "
+              "overhead, its arithmetic. *arith x*: that cost over fused AdamW's whole "
               "step per element (large tensor): a floor set by the arithmetic, as *floor x* is one set by the "
               "bytes. (Not for *rule*: called through the optimizer-facing API, ~100 us of Python per call, it "
               "varies more than the difference to measure.)" if kt.get("in_cache_sizes") else ""))

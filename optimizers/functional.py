@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .family import Family
 
-__all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL", "default_chunk_numel",
-           "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_"]
+__all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL",
+           "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -96,7 +96,8 @@ def chunk_spans(total: int, chunk_numel: Optional[int]) -> List[Tuple[int, int]]
     return [(a, min(a + chunk_numel, total)) for a in range(0, total, chunk_numel)]
 
 
-def chunk_plan(tensors: Sequence[Tensor], chunk_numel: Optional[int]) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+def chunk_plan(tensors: Sequence[Tensor], chunk_numel: Optional[int]
+               ) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
     """The chunks of ``tensors`` laid out back to back (as ``flatten`` lays them out), as
     ``(start, stop, pieces)``: ``[start, stop)`` in the flat layout, ``pieces`` the
     ``(tensor index, first, last)`` element ranges it covers, in order. A contiguous tensor may be
