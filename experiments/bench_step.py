@@ -526,6 +526,20 @@ def _grad_alias_states(fam: optimizers.Family) -> int:
     return sum(1 for s in tensor_states(fam) if isinstance(s.definition, E.Input) and s.definition.kind == "grad")
 
 
+def eager_hyper_buffers(fam: optimizers.Family, weight_decay: float, mode: str) -> Tuple[int, bool]:
+    """Parameter-sized buffers the eager hyper path keeps for ``fam`` (the model's coefficients learned,
+    not lr), and whether one of them is a copy of x: the state before the last update and after it
+    (2S), the recorded gradient (1), a copy of x only where the vjp reads it (L2 decay, or a rule that
+    reads x: ``HyperOptimizer._vjp_reads_x``), less the states whose new value is the recorded
+    gradient itself (MADA's g_prev), which are that very copy (not with L2 decay: there the rule reads
+    g + wd x)."""
+    S = len(tensor_states(fam))
+    decay = optimizers.needs_param(fam, weight_decay, mode)
+    l2 = mode == "l2" and weight_decay != 0
+    x_copy = decay and (fam.uses_param or mode not in ("decoupled", "proximal"))
+    return 2 * S + 1 + int(x_copy) - (0 if l2 else _grad_alias_states(fam)), x_copy
+
+
 def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
     """Parameter-sized buffers kept between steps, and bytes moved per parameter per step (in units of
     one parameter-sized buffer), as derived from the code paths (see ``write_doc`` for the derivations).
@@ -554,13 +568,11 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
         total, count, xfrac = 0, 0.0, 0.0
         for g in groups or [{"params": [torch.empty(1)], "weight_decay": WEIGHT_DECAY}]:
             n = sum(p.numel() for p in g["params"])
-            mode = g.get("weight_decay_mode", fam.weight_decay_mode)
-            decay = optimizers.needs_param(fam, g.get("weight_decay", 0.0), mode)
-            l2 = mode == "l2" and g.get("weight_decay", 0.0) != 0
-            c = 2 * S + 1 + (1 if decay else 0) - (0 if l2 else alias)
+            c, x_copy = eager_hyper_buffers(fam, g.get("weight_decay", 0.0),
+                                            g.get("weight_decay_mode", fam.weight_decay_mode))
             total += n
             count += n * c
-            xfrac += n * (1 if decay else 0)
+            xfrac += n * (1 if x_copy else 0)
         count, xfrac = count / max(total, 1), xfrac / max(total, 1)
         formula = f"2S+1+x-alias = {count:.2f} (x copy on {xfrac:.1%} of params, {alias} state = g)"
         return {"buffers": count, "buffers_formula": formula, "floor_bytes": 3 * S + 6 + 2 * xfrac,
@@ -1403,8 +1415,8 @@ def write_doc(report: dict, path: Path) -> str:
       "kernel recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before "
       "it, and the new gradient as cotangent: S+2), then the update reads the S buffers and g_old, advances the "
       "state past the recorded update, reads p and g, and writes the S buffers, the new gradient record and p "
-      "(2S+5); the eager hyper path (3S+6) writes new buffers and also records a copy of x where weight decay "
-      "reads it (+2). On a "
+      "(2S+5); the eager hyper path (3S+6) writes new buffers and also records a copy of x where its vjp "
+      "reads it (+2: L2 decay, a rule that reads x, a learned lr). On a "
       "memory-bound CPU step, *floor x* = floor / 7 is the best ratio to fused AdamW the algorithm can reach, "
       "and *efficiency* = floor x / measured x (1.0: as close to the bandwidth floor as fused AdamW). "
       "*GB/s*: floor bytes over the median time. Eager candidates run in a separate interleaved group with fewer "
@@ -1447,8 +1459,10 @@ def write_doc(report: dict, path: Path) -> str:
           "leaves the S buffers at the state before the last update (the next update advances them) and keeps two "
           "gradient records used alternately (with L2 decay they hold g + wd x, so no copy of x): S+2. The eager "
           "path keeps the old S buffers "
-          "and a copy of the gradient, plus a copy of x where weight decay (or the rule) reads it; a buffer whose new "
-          "value is the gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
+          "and a copy of the gradient, plus a copy of x where its vjp reads it (L2 decay, a rule that reads x, a "
+          "learned lr; decoupled or proximal decay with a fixed lr adds x to the update, with no learned "
+          "coefficient on it, and the update reads it from the parameters); a buffer whose new value is the "
+          "gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
         w("")
         w(f"*measured*: a fresh optimizer per candidate over its first {mem['steps']} steps ({mem['method']}): "
           "*kept* is the allocator's level after the steps minus before, *reachable* the distinct tensor storages "
@@ -1474,9 +1488,7 @@ def write_doc(report: dict, path: Path) -> str:
         for rule in ["mada"] + list(RULE_KWARGS):
             fam = family(rule)
             S = len(tensor_states(fam))
-            alias = _grad_alias_states(fam)
-            decoupled = fam.weight_decay_mode != "l2"
-            eager = 2 * S + 2 - (alias if decoupled else 0)
+            eager, _ = eager_hyper_buffers(fam, WEIGHT_DECAY, fam.weight_decay_mode)
             fused = f"{S + 2}" if not any(s.scalar for s in fam.states) and not fam.uses_param else "n/a"
             w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
         w("")

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import chunk_spans, default_chunk_numel, write_state_
+from optimizers.functional import chunk_plan, chunk_spans, default_chunk_numel, gather, write_state_
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -489,6 +489,10 @@ class HyperOptimizer(RuleOptimizer):
         ``span = (start, stop)``, for those elements of the bucket only (a chunk)."""
         group = self.param_groups[rec["group"]]
         g, state, x = _chunk_of(rec, span)
+        if x is None and needs_param(self.family, rec["fixed"]["weight_decay"], rec["mode"]):
+            # not recorded: x enters the update additively and no learned coefficient multiplies it
+            # (``_vjp_reads_x``), so a zero gives the same vjp
+            x = torch.zeros((), dtype=g.dtype, device=g.device)
 
         def fn(q):
             h = self._model_h(group, rec["params"], q, fixed=rec["fixed"], span=span)
@@ -883,7 +887,8 @@ class HyperOptimizer(RuleOptimizer):
                 rec = {"params": params, "group": gi, "t": float(step + 1), "mode": mode,
                        "fixed": self._fixed_hyperparameters(group),
                        "g": _record(gs, bucket.dtype),
-                       "x": _record(xs, bucket.dtype) if needs_param(self.family, group["weight_decay"], mode) else None,
+                       "x": (_record(xs, bucket.dtype) if needs_param(self.family, group["weight_decay"], mode)
+                             and self._vjp_reads_x(mode) else None),
                        "state": dict(bucket.flat)}
                 if graph:
                     with torch.enable_grad():
@@ -894,7 +899,7 @@ class HyperOptimizer(RuleOptimizer):
                     delta = delta.detach()
                     new_state = {n: v.detach() for n, v in new_state.items()}
                 else:
-                    delta, new_state = self._chunked_update(group, rec, q1)
+                    delta, new_state = self._chunked_update(group, rec, q1, xs)
                 if self.nonfinite != "ignore" and not (bool(torch.isfinite(delta).all()) if self._reduce_group is None
                                                        else self._finite_on_all_ranks(delta)):
                     if self.nonfinite == "raise":
@@ -911,18 +916,33 @@ class HyperOptimizer(RuleOptimizer):
         self._records0 = records if record else None
         self._graph_residual = graph_residual if graph else None
 
-    def _chunked_update(self, group: Mapping, rec: Dict, q1: Optional[Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _vjp_reads_x(self, mode: str) -> bool:
+        """Whether the vjp of a recorded update reads the parameters x, so that the record keeps a copy
+        of them: a learned lr multiplies the weight decay term, L2 decay puts x in the gradient the rule
+        reads, a rule may read x itself, and the graph backend keeps the update itself. Otherwise
+        (decoupled or proximal decay with a fixed lr) x enters the update additively, with no learned
+        coefficient on it, and its vjp is the same for any x."""
+        return (self.backend == "graph" or self.family.uses_param or "lr" in self.learn
+                or mode not in ("decoupled", "proximal"))
+
+    def _chunked_update(self, group: Mapping, rec: Dict, q1: Optional[Tensor], xs: Sequence[Tensor]
+                        ) -> Tuple[Tensor, Dict[str, Tensor]]:
         """``displacement`` of the recorded bucket update, chunk by chunk (``chunk_numel``) into new
         buffers: the delta and the new state (the old buffers stay as the record's). Elementwise, so
-        the numbers are those of one call over the bucket, with chunk-sized temporaries. A state whose
-        new value is the recorded gradient or parameter itself (MADA's g_prev) becomes that record,
-        as in one call over the bucket: no buffer of its own."""
+        the numbers are those of one call over the bucket, with chunk-sized temporaries. ``xs``: the
+        bucket's tensors, read chunk by chunk where the record holds no copy of x. A state whose new
+        value is the recorded gradient or parameter itself (MADA's g_prev) becomes that record, as in
+        one call over the bucket: no buffer of its own."""
         delta = torch.empty_like(rec["g"])
         new_state: Dict[str, Tensor] = {}
         scalars: Dict[str, Tensor] = {}
-        spans = chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device))
-        for span in spans or [(0, 0)]:  # (empty: scalars still advance)
+        read_x = rec["x"] is None and needs_param(self.family, rec["fixed"]["weight_decay"], rec["mode"])
+        plan = chunk_plan(xs, default_chunk_numel(self.chunk_numel, rec["g"].device))
+        for start, stop, pieces in plan or [(0, 0, [])]:  # (empty: scalars still advance)
+            span = (start, stop)
             g, state, x = _chunk_of(rec, span)
+            if read_x:
+                x = gather(xs, pieces, rec["g"].dtype)
             h = self._model_h(group, rec["params"], q1, fixed=rec["fixed"], span=span)
             d, new = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
             delta[span[0]:span[1]].copy_(d)

@@ -431,3 +431,28 @@ def test_unrolled_hypergradients_match_higher(k):
     up, _ = unrolled_hypergradients(model, "adam", batches, crit, dict(beta1=0.9, beta2=0.99 + d, eps=eps), learn=(), lr=0.01)
     down, _ = unrolled_hypergradients(model, "adam", batches, crit, dict(beta1=0.9, beta2=0.99 - d, eps=eps), learn=(), lr=0.01)
     assert ours["beta2"] == pytest.approx((up - down) / (2 * d), rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode, learn, recorded", [("decoupled", None, False), ("proximal", None, False),
+                                                   ("l2", None, True), ("decoupled", ["lr", "beta1"], True)])
+def test_records_copy_x_only_where_the_vjp_reads_it(monkeypatch, mode, learn, recorded):
+    """With decoupled or proximal decay and a fixed lr, x enters the update additively with no learned
+    coefficient on it: the record keeps no copy of x, and the coefficients and parameters come out
+    bit for bit as with a copy (forced here); L2 decay and a learned lr do read x."""
+    runs = {}
+    for force in (False, True):
+        if force:
+            monkeypatch.setattr(H.HyperOptimizer, "_vjp_reads_x", lambda self, mode: True)
+        model, loss_fns = builtin_problem(6, seed=3)
+        opt = H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, weight_decay_mode=mode,
+                               learn=learn, **MADA_INTERIOR)
+        for loss_fn in loss_fns:
+            opt.zero_grad()
+            loss_fn(model).backward()
+            opt.step()
+        assert all((rec["x"] is not None) == (recorded or force) for rec in opt._records0)
+        runs[force] = (torch.cat([q.reshape(-1) for q in opt._q]),
+                       torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(runs[False][0], runs[True][0]) and torch.equal(runs[False][1], runs[True][1])
+    initial = runs[False][0].new_tensor([float(opt.param_groups[0][n]) for n in opt.learn])
+    assert (runs[False][0] - initial).abs().max().item() > 1e-6  # the coefficients moved
