@@ -82,6 +82,10 @@ def default_chunk_numel(chunk_numel: Optional[int], device: torch.device) -> Opt
     ``None`` (one chunk) elsewhere."""
     if chunk_numel is None:
         return CHUNK_NUMEL if device.type == "cpu" else None
+    return _checked(chunk_numel)
+
+
+def _checked(chunk_numel: int) -> int:
     if isinstance(chunk_numel, bool) or not isinstance(chunk_numel, int) or chunk_numel < 1:
         raise ValueError(f"chunk_numel must be an int >= 1 or None (the device's default), got {chunk_numel!r}")
     return chunk_numel
@@ -92,7 +96,7 @@ def chunk_spans(total: int, chunk_numel: Optional[int]) -> List[Tuple[int, int]]
     (``None``: one chunk)."""
     if chunk_numel is None:
         return [(0, total)] if total else []
-    default_chunk_numel(chunk_numel, torch.device("cpu"))  # checks it
+    _checked(chunk_numel)
     return [(a, min(a + chunk_numel, total)) for a in range(0, total, chunk_numel)]
 
 
@@ -105,7 +109,7 @@ def chunk_plan(tensors: Sequence[Tensor], chunk_numel: Optional[int]
     own shape), so its chunk may exceed ``chunk_numel`` (``None``: no limit)."""
     if chunk_numel is None:
         chunk_numel = max(1, sum(t.numel() for t in tensors))
-    default_chunk_numel(chunk_numel, torch.device("cpu"))  # checks it
+    _checked(chunk_numel)
     spans: List[Tuple[int, int, List[Tuple[int, int, int]]]] = []
     offset, room = 0, 0  # room: elements the last chunk can still take
     for i, t in enumerate(tensors):

@@ -78,6 +78,6 @@ def helpers():
     """The training helpers as a namespace, so test modules need not import conftest."""
     class H:
         pass
-    for f in (make_model, make_batch, loss_fn, train, flat_params, max_diff):
+    for f in (make_model, make_batch, loss_fn, train, train_on, flat, flat_params, max_diff):
         setattr(H, f.__name__, staticmethod(f))
     return H

@@ -102,7 +102,7 @@ def test_chunked_rule_step_with_a_wider_state_dtype_equals_one_chunk():
 
 
 @pytest.mark.parametrize("config", ["global", "share_tensor", "l2", "strided"])
-def test_chunked_hyper_learning_equals_one_chunk(config):
+def test_chunked_hyper_learning_equals_one_chunk(helpers, config):
     """The eager hyper-learning engine's update and vjp in chunks of 7 elements against one chunk:
     the parameters and the states elementwise, the learned coefficients up to the order of the
     hypergradient's sums (float64). ``share_tensor`` puts several coefficient sets in one bucket, so
@@ -119,12 +119,8 @@ def test_chunked_hyper_learning_equals_one_chunk(config):
         # MADA at interior coefficients: its gradient state (g_prev) and x (weight decay) in the record
         opt = H.HyperOptimizer(params, "mada", lr=1e-2, weight_decay=0.1, **kw, **MADA_INTERIOR)
         opt.chunk_numel = chunk_numel
-        for loss_fn in loss_fns:
-            opt.zero_grad()
-            loss_fn(model).backward()
-            opt.step()
-        out[chunk_numel] = (torch.cat([q.reshape(-1) for q in opt._q]),
-                            torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        helpers.train_on(model, opt, loss_fns, loss=lambda m, loss_fn: loss_fn(m))
+        out[chunk_numel] = helpers.flat(opt._q), helpers.flat_params(model)
     q_whole, x_whole = out[WHOLE]
     q_chunked, x_chunked = out[7]
     # (the hyper-optimizer, Adam, divides by the hypergradients' second moment: a last-digit change in

@@ -435,7 +435,7 @@ def test_unrolled_hypergradients_match_higher(k):
 
 @pytest.mark.parametrize("mode, learn, recorded", [("decoupled", None, False), ("proximal", None, False),
                                                    ("l2", None, True), ("decoupled", ["lr", "beta1"], True)])
-def test_records_copy_x_only_where_the_vjp_reads_it(monkeypatch, mode, learn, recorded):
+def test_records_copy_x_only_where_the_vjp_reads_it(monkeypatch, helpers, mode, learn, recorded):
     """With decoupled or proximal decay and a fixed lr, x enters the update additively with no learned
     coefficient on it: the record keeps no copy of x, and the coefficients and parameters come out
     bit for bit as with a copy (forced here); L2 decay and a learned lr do read x."""
@@ -446,13 +446,9 @@ def test_records_copy_x_only_where_the_vjp_reads_it(monkeypatch, mode, learn, re
         model, loss_fns = builtin_problem(6, seed=3)
         opt = H.HyperOptimizer(model.parameters(), "mada", lr=1e-2, weight_decay=0.1, weight_decay_mode=mode,
                                learn=learn, **MADA_INTERIOR)
-        for loss_fn in loss_fns:
-            opt.zero_grad()
-            loss_fn(model).backward()
-            opt.step()
+        helpers.train_on(model, opt, loss_fns, loss=lambda m, loss_fn: loss_fn(m))
         assert all((rec["x"] is not None) == (recorded or force) for rec in opt._records0)
-        runs[force] = (torch.cat([q.reshape(-1) for q in opt._q]),
-                       torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        runs[force] = helpers.flat(opt._q), helpers.flat_params(model)
     assert torch.equal(runs[False][0], runs[True][0]) and torch.equal(runs[False][1], runs[True][1])
     initial = runs[False][0].new_tensor([float(opt.param_groups[0][n]) for n in opt.learn])
     assert (runs[False][0] - initial).abs().max().item() > 1e-6  # the coefficients moved
