@@ -1104,6 +1104,66 @@ def tower_table(model_name: str, steps: int, warmup: int, device: torch.device, 
             "warmup": warmup, "fused_adamw_ms": statistics.median(times[FUSED]), "results": results}
 
 
+INTERVALS = (1, 2, 4, 8)
+
+
+def interval_table(model_name: str, intervals: Sequence[int], steps: int, warmup: int, device: torch.device,
+                   seed: int = 0, progress: bool = True) -> dict:
+    """(h) Fused MADA hyper-learning every k steps (``HyperOptimizer(hyper_interval=k)``), interleaved with
+    fused AdamW and the fixed-coefficient fused MADA rule (``mada_fused``).
+
+    A step's cost depends on its place in the cycle of k, read off the optimizer (whether it holds
+    a record before and after the step): a *recording* step (reads the state, writes only the
+    parameters and the gradient record), a *learning* one (the vjp kernel, then an update that
+    advances the state past the recorded one) and k - 2 *plain* rule updates (k = 1: every step
+    records and learns). *amortized x*: per cycle of k consecutive
+    timed steps, their total time over fused AdamW's total in the same rounds; the median over the
+    cycles. ``steps`` should be a multiple of every k (each cycle then holds each kind once). The
+    untimed rounds are at least ``max(intervals) + 1``, so that every kind of step has run (and
+    compiled its kernels) before the timing starts."""
+    warmup = max(warmup, max(intervals) + 1)
+    torch.manual_seed(seed)
+    model = make_model(model_name, device=device)
+    before_round = GradientSets(model, seed)
+    optims = {FUSED: build_candidate(FUSED, param_groups(model, WEIGHT_DECAY)),
+              "mada_fused": build_candidate("mada_fused", param_groups(model, WEIGHT_DECAY))}
+    for k in intervals:
+        opt = _mada_hyper(True, hyper_interval=k)(param_groups(model, WEIGHT_DECAY))
+        _share_kernels(opt)
+        optims[f"every{k}"] = opt
+    # whether each optimizer holds a record before each round (and after the last): a step learns when
+    # it finds one, and has recorded its update when it leaves one
+    holds: Dict[int, List[bool]] = {k: [] for k in intervals}
+
+    def before(r):
+        before_round(r)
+        for k in intervals:
+            holds[k].append(optims[f"every{k}"]._records0 is not None)
+
+    times = time_steps(optims, steps, warmup, progress=progress, device=device, desc=f"interval {model_name}",
+                       before_round=before)
+    for k in intervals:
+        holds[k].append(optims[f"every{k}"]._records0 is not None)
+    ref = times[FUSED]
+    results = {}
+    for k in intervals:
+        ts = times[f"every{k}"]
+        cycles = [sum(ts[i:i + k]) / sum(ref[i:i + k]) for i in range(0, len(ts) - k + 1, k)]
+        kinds: Dict[str, List[float]] = {}
+        for i, (a, b) in enumerate(zip(ts, ref)):
+            learned, recorded = holds[k][warmup + i], holds[k][warmup + i + 1]
+            kind = ("every" if learned and recorded else "learning" if learned else "recording" if recorded
+                    else "plain")
+            kinds.setdefault(kind, []).append(a / b)
+        results[f"every{k}"] = {"interval": k, "amortized_ratio": statistics.median(cycles), "cycles": len(cycles),
+                                "mean_ratio": sum(ts[:len(cycles) * k]) / sum(ref[:len(cycles) * k]),
+                                "kind_ratios": {n: statistics.median(v) for n, v in kinds.items()},
+                                "kind_counts": {n: len(v) for n, v in kinds.items()}}
+    rule = paired_ratio(times["mada_fused"], ref)["median"]
+    return {"model": model_name, "n_params": count_parameters(model), "steps": steps, "warmup": warmup,
+            "fused_adamw_ms": statistics.median(ref), "mada_fused_ratio": rule, "results": results}
+
+
 # ------------------------------------------------------------------------------------------ verdicts
 def verdicts(report: dict) -> List[dict]:
     """One line per target of issue #5: what was measured, and whether it meets the target."""
@@ -1210,6 +1270,15 @@ def verdicts(report: dict) -> List[dict]:
         else:
             add(f"each extra tower level costs < {TARGET_TOWER:.0%} ({tw['model']})", direct,
                 all(e < TARGET_TOWER for _, e in extras), "")
+    it = report.get("interval")
+    if it:
+        sparse = {r["interval"]: r["amortized_ratio"] for r in it["results"].values() if r["interval"] > 1}
+        if sparse:
+            add(f"hyper MADA learning every k steps (hyper_interval=k), fused, step averaged over k "
+                f"(report only: the target above is for learning every step) ({it['model']})",
+                ", ".join(f"k={k}: {r:.2f}x" for k, r in sparse.items()), None,
+                f"table (h); every step: {it['results']['every1']['amortized_ratio']:.2f}x, the fixed rule "
+                f"(mada_fused) {it['mada_fused_ratio']:.2f}x" if "every1" in it["results"] else "table (h)")
     return out
 
 
@@ -1236,6 +1305,7 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
             scaling_candidates: Sequence[str] = SCALING_CANDIDATES, tower_model: Optional[str] = "gpt10m",
             tower_steps: int = 30, tower_fused: bool = True, tower_small_model: Optional[str] = "tiny",
             tower_small_steps: int = 60, kernel_numel: int = 10_500_000, kernel_steps: int = 15,
+            interval_model: Optional[str] = "gpt10m", intervals: Sequence[int] = INTERVALS, interval_steps: int = 32,
             device: Optional[torch.device] = None, seed: int = 0, progress: bool = True) -> dict:
     """Every measurement of issue #5 in one process; returns the report (``"kind": "all"``).
 
@@ -1244,7 +1314,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
     (``project_batch``: also give the ratio projected to that batch size, forward/backward scaled
     linearly). ``tower_small_model``: the tower table again on this (small) model, eager path, to
     resolve the absolute cost of a level. ``kernel_numel``: size of the flat tensor of the kernel
-    table (g). Empty sequences / None / 0 skip a phase.
+    table (g). ``interval_model``, ``intervals``, ``interval_steps``: table (h), hyper-learning every k
+    steps. Empty sequences / None / 0 skip a phase.
     """
     device = torch.device(device) if device is not None else default_device()
     _check_rules_covered()
@@ -1277,6 +1348,9 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                                       False, seed, progress)
     if kernel_numel:
         report["kernels"] = phase("kernels", kernel_table, kernel_numel, kernel_steps, warmup, device, seed, progress)
+    if interval_model and intervals and interval_steps:
+        report["interval"] = phase("interval", interval_table, interval_model, intervals, interval_steps, warmup,
+                                   device, seed, progress)
     if scaling_sizes:
         report["scaling"] = phase("scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
                                   seed, progress)
@@ -1296,7 +1370,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                         "steps": steps, "slow_steps": slow_steps, "warmup": warmup,
                         "train": [list(t) for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
                         "tower_small_steps": tower_small_steps, "kernel_numel": kernel_numel,
-                        "kernel_steps": kernel_steps}
+                        "kernel_steps": kernel_steps, "interval_model": interval_model, "intervals": list(intervals),
+                        "interval_steps": interval_steps}
     report["phases"] = phases
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["verdicts"] = verdicts(report)
@@ -1690,6 +1765,33 @@ def write_doc(report: dict, path: Path) -> str:
              f"rate, and nothing else (no arithmetic cost, no per-call overhead)."))
         w("")
 
+    it = report.get("interval")
+    if it:
+        w("## (h) Hyper-learning every k steps")
+        w("")
+        w(f"`HyperOptimizer(..., fused=True, hyper_interval=k)` on {it['model']} ({it['n_params'] / 1e6:.3g}M "
+          f"parameters), MADA learning its six coefficients every k steps, interleaved with fused AdamW "
+          f"({it['fused_adamw_ms']:.2f} ms) and the fixed-coefficient rule (mada_fused, "
+          f"{it['mada_fused_ratio']:.2f}x), "
+          f"{it['steps']} timed rounds. Only the update before a hyper-step is recorded; the next step learns from "
+          f"it exactly as with k = 1 (the one-step hypergradient of that update), and the steps in between run the "
+          f"plain rule. A cycle of k steps holds one *recording* step (the update reads the state and writes only "
+          f"the parameters and the gradient record), one *learning* step (the vjp kernel, then an update that "
+          f"advances the state past the recorded one) and k - 2 *plain* ones. *amortized x*: per cycle of k "
+          f"consecutive steps, their total time over fused AdamW's in the same rounds, the median over the cycles "
+          f"(*cycles*); *mean x*: the same over all of them at once. The coefficients move once per k steps: "
+          f"this trades how often they learn for cost, it is not the every-step algorithm of the target.")
+        w("")
+        w("| k | amortized x fused AdamW | mean x | cycles | recording step x | learning step x | plain step x |")
+        w("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in it["results"].values():
+            kr = r["kind_ratios"]
+            every = r["interval"] == 1
+            rec, learn = (kr.get("every"),) * 2 if every else (kr.get("recording"), kr.get("learning"))
+            w(f"| {r['interval']} | {r['amortized_ratio']:.2f} | {r['mean_ratio']:.2f} | {r['cycles']} | {_f(rec)} "
+              f"| {_f(learn)} | {_f(kr.get('plain'))} |")
+        w("")
+
     w("## Phases")
     w("")
     w("| phase | seconds | load before | load after |")
@@ -1707,6 +1809,13 @@ def write_doc(report: dict, path: Path) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 def _floats(s: str) -> List[float]:
     return [float(x) for x in s.split(",") if x]
+
+
+def _ints(s: str) -> List[int]:
+    values = [int(x) for x in s.split(",") if x]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"intervals must be integers >= 1, got {s!r}")
+    return values
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -1752,6 +1861,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a.add_argument("--kernel-numel", type=float, default=10.5e6,
                    help="elements of the flat tensor of the kernel table (g); default 10.5e6 (0 to skip)")
     a.add_argument("--kernel-steps", type=int, default=15, help="timed rounds of the kernel table; default 15")
+    a.add_argument("--interval-model", default="gpt10m",
+                   help="model of table (h), hyper-learning every k steps ('' to skip)")
+    a.add_argument("--intervals", type=_ints, default=list(INTERVALS),
+                   help=f"the k of table (h); default {','.join(map(str, INTERVALS))}")
+    a.add_argument("--interval-steps", type=int, default=32,
+                   help="timed rounds of table (h), a multiple of every k; default 32")
     return p.parse_args(argv)
 
 
@@ -1776,7 +1891,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          tower_model=args.tower_model or None, tower_steps=args.tower_steps,
                          tower_small_model=args.tower_small_model or None, tower_small_steps=args.tower_small_steps,
                          kernel_numel=int(args.kernel_numel), kernel_steps=args.kernel_steps,
-                         device=args.device, seed=args.seed, progress=not args.no_progress)
+                         interval_model=args.interval_model or None, intervals=args.intervals,
+                         interval_steps=args.interval_steps, device=args.device, seed=args.seed,
+                         progress=not args.no_progress)
         report["argv"] = argv_list
         report["out"] = os.path.relpath(args.out, REPO_ROOT) if args.out.is_absolute() else str(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,15 @@ class HyperOptimizer(RuleOptimizer):
             group) or ``"tensor"`` (one per parameter tensor).
         warmup: number of steps before hyper-learning starts (coefficients stay at their initial
             values until then).
+        hyper_interval: learn the coefficients every ``hyper_interval`` steps (default 1: every
+            step, as in the paper). Only the update before a hyper-step is recorded, and the next
+            step learns from it: the one-step hypergradient ``g_{t+1} . dx_{t+1}/dq`` of that update,
+            exactly as with 1. The steps in between run the plain rule with the current
+            coefficients and record nothing, so they cost what the rule costs: the cost of
+            hyper-learning, averaged over the steps, falls about ``hyper_interval``-fold (measured
+            in docs/performance.md, table (h)). The hyper-optimizer takes one step per hyper-step
+            with its own lr, so the coefficients move about ``hyper_interval`` times more slowly per
+            model step.
         clip_hypergrad: if given, each hypergradient entry is clamped to ``[-clip, clip]`` before it
             drives a hyper-step.
         backend: ``"functional"`` or ``"graph"`` (see module docstring).
@@ -96,7 +105,7 @@ class HyperOptimizer(RuleOptimizer):
     def __init__(self, params, family: Union[str, Family], lr: float = 1e-3, weight_decay: float = 0.0,
                  weight_decay_mode: Optional[str] = None, *, learn: Optional[Sequence[str]] = None,
                  tower: Union[Level, Sequence[Level], None] = None, share: str = "global", warmup: int = 0,
-                 clip_hypergrad: Optional[float] = None, backend: str = "functional",
+                 hyper_interval: int = 1, clip_hypergrad: Optional[float] = None, backend: str = "functional",
                  hyper_dtype: Optional[torch.dtype] = None, nonfinite: str = "skip", fused: bool = False,
                  state_dtype: Optional[torch.dtype] = None, **coefficients):
         super().__init__(params, family, lr=lr, weight_decay=weight_decay, weight_decay_mode=weight_decay_mode,
@@ -111,6 +120,9 @@ class HyperOptimizer(RuleOptimizer):
         self.nonfinite = nonfinite
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+        if isinstance(hyper_interval, bool) or not isinstance(hyper_interval, int) or hyper_interval < 1:
+            raise ValueError(f"hyper_interval must be an int >= 1 (learn every that many steps), "
+                             f"got {hyper_interval!r}")
         if clip_hypergrad is not None and (isinstance(clip_hypergrad, bool) or not isinstance(clip_hypergrad, Real)
                                            or not clip_hypergrad > 0 or math.isinf(clip_hypergrad)):
             raise ValueError(f"clip_hypergrad must be a finite number > 0 or None, got {clip_hypergrad!r}")
@@ -162,6 +174,7 @@ class HyperOptimizer(RuleOptimizer):
         self.tower: List[Level] = tower
         self.share = share
         self.warmup = warmup
+        self.hyper_interval = hyper_interval
         self.clip_hypergrad = clip_hypergrad
         self.backend = backend
         all_params = [p for g in self.param_groups for p in g["params"]]
@@ -421,9 +434,15 @@ class HyperOptimizer(RuleOptimizer):
                 self.skipped_hyper_steps += 1
         # 3. The model update with the current coefficients, recording its inputs when the next
         #    step will learn from it.
-        record = self._hyper_step >= self.warmup
-        self._model_update(record)
+        self._model_update(self._records_update())
         return loss
+
+    def _records_update(self) -> bool:
+        """Whether this step's update is recorded, so that the next step learns from it: from step
+        ``max(warmup, 1)`` on (counting the steps taken, not the skipped ones), every
+        ``hyper_interval``-th step."""
+        first = max(self.warmup, 1)
+        return self._hyper_step >= first and (self._hyper_step - first) % self.hyper_interval == 0
 
     def _check_learned_lr_untouched(self):
         """With ``"lr"`` learned, the group's ``lr`` is only its initial value: an LR scheduler (or a
@@ -455,14 +474,15 @@ class HyperOptimizer(RuleOptimizer):
         if params is None:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        # A NaN or Inf anywhere makes the sum non-finite; a sum reads each gradient once and writes
-        # nothing parameter-sized (isfinite() would write a bool tensor per gradient). Only a finite
-        # gradient whose sum overflows the dtype would be flagged wrongly, and then it is absurd anyway.
         if self._reduce_group is not None:  # DTensor shards: the decision is taken over all ranks
-            sums = [dtensor.local(g).sum(dtype=torch.float64) for g in grads]
-            if self._finite_on_all_ranks(torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)):
+            local = [dtensor.local(g) for g in grads]
+            if self._finite_on_all_ranks(_sums(local)):
                 return True
-        elif not grads or bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float64) for g in grads])).all()):
+            # (every rank gets here together) a sum may have overflowed: decide elementwise
+            exact = all(bool(torch.isfinite(t).all()) for t in local)
+            if self._finite_on_all_ranks(torch.zeros(()) if exact else torch.full((), math.inf)):
+                return True
+        elif _all_finite(grads):
             return True
         if self.nonfinite == "raise":
             bad = [(gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
@@ -1123,6 +1143,30 @@ class _ParamState(dict):
 
     def __reduce__(self):
         return dict, (dict(self.items()),)
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one host read in the usual case.
+
+    A NaN or Inf anywhere makes a tensor's sum non-finite, and a sum reads each tensor once and
+    writes nothing tensor-sized (``isfinite()`` would write a bool tensor per tensor). The sums
+    accumulate in float32 (float64 for float64 tensors): in float64 each element's conversion made
+    the check cost more than a whole fused AdamW step (34 ms against 15 on the 10.7M-parameter char
+    GPT). A sum that overflows although every element is finite (gradients near 1e38 / numel) is
+    told apart by checking those tensors elementwise, so nothing finite is reported otherwise."""
+    if not tensors:
+        return True
+    finite = torch.isfinite(_sums(tensors))
+    if bool(finite.all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t, ok in zip(tensors, finite.tolist()) if not ok)
+
+
+def _sums(tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of each tensor (float32 accumulation, float64 for float64), stacked as float64."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).to(torch.float64) for t in tensors])
 
 
 def _chunk_of(rec: Dict, span: Optional[Tuple[int, int]]):

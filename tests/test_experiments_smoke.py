@@ -111,6 +111,20 @@ def test_bench_step_end_to_end(tmp_path, capsys):
     assert "| mada |" in capsys.readouterr().out
 
 
+def test_bench_step_interval_table():
+    """Table (h): each cycle of k steps holds one recording and one learning step (as the optimizer
+    reports them) and k - 2 plain ones; every step both records and learns at k = 1."""
+    tab = bench_step.interval_table("tiny", (1, 2, 4), steps=8, warmup=1, device=torch.device("cpu"), progress=False)
+    assert tab["warmup"] == 5  # every kind of step ran before the timing
+    counts = {r["interval"]: r["kind_counts"] for r in tab["results"].values()}
+    assert counts == {1: {"every": 8}, 2: {"recording": 4, "learning": 4},
+                      4: {"recording": 2, "learning": 2, "plain": 4}}
+    assert [tab["results"][f"every{k}"]["cycles"] for k in (1, 2, 4)] == [8, 4, 2]
+    assert all(r["amortized_ratio"] > 0 for r in tab["results"].values())
+    v = bench_step.verdicts({"interval": tab})
+    assert len(v) == 1 and v[0]["met"] is None and "k=2" in v[0]["measured"] and "k=4" in v[0]["measured"]
+
+
 def test_bench_step_kernel_table():
     """(g): each kernel of the hyper step is timed next to fused AdamW, with its bandwidth floor."""
     tab = bench_step.kernel_table(5000, steps=2, warmup=1, device=torch.device("cpu"), progress=False, in_cache_rounds=3)

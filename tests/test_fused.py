@@ -351,12 +351,14 @@ def test_fused_hyper_learning_with_missing_gradients_equals_the_functional_engin
             assert (eager[i][name] - fast[i][name]).abs().max().item() <= 1e-10
 
 
-@pytest.mark.parametrize("config", ["share_tensor", "share_group", "l2", "warmup", "strided"])
+@pytest.mark.parametrize("config", ["share_tensor", "share_group", "l2", "warmup", "interval", "strided"])
 def test_fused_hyper_learning_settings_equal_the_functional_engine(config):
     """The fused path against the torch.func engine (float64, 8 steps) across the settings that
     change its bookkeeping: per-tensor and per-group coefficients (packed runs must not mix
     coefficient sets), L2 weight decay (the record holds the effective gradient), a warm-up (no
-    records at first), and a strided (non-contiguous) parameter."""
+    records at first), learning every third step after a warm-up (records come and go: a recorded
+    update, an update that advances past it without recording, plain updates), and a strided
+    (non-contiguous) parameter."""
     import hypergrad as H
     from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
 
@@ -377,6 +379,8 @@ def test_fused_hyper_learning_settings_equal_the_functional_engine(config):
             opt = H.HyperOptimizer(params, "mada", weight_decay_mode="l2", **kw)
         elif config == "warmup":
             opt = H.HyperOptimizer(params, "mada", warmup=3, **kw)
+        elif config == "interval":  # records at steps 2 and 5, hyper-steps at 3 and 6
+            opt = H.HyperOptimizer(params, "mada", warmup=2, hyper_interval=3, **kw)
         else:
             opt = H.HyperOptimizer(params, "mada", **kw)
         for loss_fn in loss_fns:

@@ -96,6 +96,31 @@ def test_nan_gradient_skips_the_step(backend, fused, value, where):
     assert all(torch.isfinite(q).all() for q in opt._q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_is_exact(dtype):
+    """The up-front check sums each gradient (float32 accumulation, float64 for float64): a NaN or Inf
+    anywhere is caught, and a finite gradient whose sum overflows is not reported (checked
+    elementwise), against torch.isfinite."""
+    from hypergrad.optimizer import _all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.ones(1000, dtype=dtype),  # 1000 in half precision's sum: fine in float32
+             torch.full((8,), big, dtype=dtype),  # finite, but its sum overflows float32 (or float64)
+             torch.tensor([1.0, float("nan")], dtype=dtype), torch.tensor([float("inf"), 2.0], dtype=dtype),
+             torch.tensor([float("inf"), float("-inf")], dtype=dtype)]
+    for t in cases:
+        assert _all_finite([torch.zeros(3, dtype=dtype), t]) == bool(torch.isfinite(t).all())
+    assert _all_finite([])
+
+
+def test_huge_finite_gradient_is_not_skipped():
+    p = nn.Parameter(torch.zeros(4))
+    opt = H.MADA([p], lr=1e-3)
+    p.grad = torch.full((4,), 3e38)  # finite; its float32 sum is inf
+    opt.step()
+    assert opt.skipped_steps == 0  # not taken for a non-finite gradient (the update itself may be 0: g^2 overflows)
+
+
 def test_nan_hypergradient_keeps_coefficients(monkeypatch):
     model, loss_fns = builtin_problem(6, seed=0)
     opt = _make("functional", model)

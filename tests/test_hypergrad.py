@@ -303,6 +303,60 @@ def test_warmup_delays_hyper_learning():
     assert seen[4] != start
 
 
+@pytest.mark.parametrize("backend", ["functional", "graph"])
+@pytest.mark.parametrize("interval,warmup", [(3, 0), (2, 4)])
+def test_hyper_interval_sgd_hd_closed_form(backend, interval, warmup):
+    """Learning every ``interval`` steps: the update of step s is recorded exactly when s >= max(warmup, 1)
+    and (s - max(warmup, 1)) is a multiple of ``interval``; the next step learns from it with
+    Baydin et al.'s closed form, lr += kappa g_t . g_{t-1}; every other step is plain SGD with the
+    current lr and keeps no record."""
+    model, loss_fns = builtin_problem(12, seed=1)
+    kappa = 1e-3
+    opt = H.HyperSGD(model.parameters(), lr=0.05, hyper_lr=kappa, hyper_interval=interval, warmup=warmup,
+                     backend=backend)
+    first = max(warmup, 1)
+    lr, prev, learned = 0.05, None, []
+    for s, loss_fn in enumerate(loss_fns, start=1):
+        opt.zero_grad()
+        loss_fn(model).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        x = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if prev is not None:  # the last update was recorded: this step learns
+            lr = lr + kappa * float(g @ prev)
+            learned.append(s)
+        opt.step()
+        assert opt.coefficients()["lr"].item() == pytest.approx(lr, rel=1e-12)
+        x_new = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert torch.allclose(x_new, x - lr * g, rtol=0, atol=1e-15)  # SGD with the lr of this step
+        recorded = s >= first and (s - first) % interval == 0
+        assert (opt._records0 is not None) == recorded
+        prev = g if recorded else None
+    assert learned == [s + 1 for s in range(first, 12, interval)]
+
+
+def test_hyper_interval_learns_less_often_than_every_step():
+    """MADA learning every 4th step moves its coefficients at the hyper-steps only, and by the
+    hypergradient of the recorded update: the first hyper-step equals that of an optimizer learning
+    every step (same history up to it)."""
+    runs = {}
+    for interval in (1, 4):
+        model, loss_fns = builtin_problem(7, seed=2)
+        opt = H.MADA(model.parameters(), lr=1e-2, hyper_interval=interval, tower=H.Level("sgd", lr=1e-1),
+                     **MADA_INTERIOR)
+        rows = []
+        for loss_fn in loss_fns:
+            opt.zero_grad()
+            loss_fn(model).backward()
+            opt.step()
+            rows.append(opt._q[0].detach().clone())
+        runs[interval] = torch.stack(rows)
+    every, sparse = runs[1], runs[4]
+    assert torch.equal(sparse[1], every[1])  # step 2 learns from step 1 in both
+    # records at steps 1 and 5: the coefficients move at steps 2 and 6 only (rows 1 and 5)
+    changed = [s for s in range(1, 7) if not torch.equal(sparse[s], sparse[s - 1])]
+    assert changed == [1, 5]
+
+
 def test_projection_keeps_coefficients_in_their_domains():
     model, loss_fns = builtin_problem(20, seed=0)
     opt = H.MADA(model.parameters(), lr=1e-2, tower=H.Level("sgd", lr=1e3), c=1.0, gamma=1.0, rho=0.0)
@@ -387,6 +441,9 @@ def test_bad_arguments_are_rejected():
         H.Level("sgd", lr=-1.0)
     with pytest.raises(ValueError, match="warmup"):
         H.MADA(p, warmup=-1)
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="hyper_interval"):
+            H.MADA(p, hyper_interval=bad)
     with pytest.raises(ValueError, match="clip_hypergrad"):
         H.MADA(p, clip_hypergrad=0.0)
     with pytest.raises(ValueError, match="beta2"):
