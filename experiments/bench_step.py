@@ -1779,8 +1779,11 @@ def write_doc(report: dict, path: Path) -> str:
           f"the parameters and the gradient record), one *learning* step (the vjp kernel, then an update that "
           f"advances the state past the recorded one) and k - 2 *plain* ones. *amortized x*: per cycle of k "
           f"consecutive steps, their total time over fused AdamW's in the same rounds, the median over the cycles "
-          f"(*cycles*); *mean x*: the same over all of them at once. The coefficients move once per k steps: "
-          f"this trades how often they learn for cost, it is not the every-step algorithm of the target.")
+          f"(*cycles*); *mean x*: the same over all of them at once. A plain step costs more than the rule "
+          f"alone: with `nonfinite=\"skip\"` it first sums every gradient (one more read of them; a learning step "
+          f"gets these sums from its vjp kernel), and the hyper-optimizer's step has more bookkeeping. The "
+          f"coefficients move once per k steps: this trades how often they learn for cost, it is not the "
+          f"every-step algorithm of the target.")
         w("")
         w("| k | amortized x fused AdamW | mean x | cycles | recording step x | learning step x | plain step x |")
         w("|---:|---:|---:|---:|---:|---:|---:|")

@@ -73,11 +73,11 @@ class HyperOptimizer(RuleOptimizer):
             step, as in the paper). Only the update before a hyper-step is recorded, and the next
             step learns from it: the one-step hypergradient ``g_{t+1} . dx_{t+1}/dq`` of that update,
             exactly as with 1. The steps in between run the plain rule with the current
-            coefficients and record nothing, so they cost what the rule costs: the cost of
-            hyper-learning, averaged over the steps, falls about ``hyper_interval``-fold (measured
-            in docs/performance.md, table (h)). The hyper-optimizer takes one step per hyper-step
-            with its own lr, so the coefficients move about ``hyper_interval`` times more slowly per
-            model step.
+            coefficients and record nothing, so they cost what the rule costs (plus the non-finite
+            gradient check, which a learning step gets from its vjp): the average step cost falls
+            toward the rule's as ``hyper_interval`` grows (measured in docs/performance.md, table
+            (h)). The hyper-optimizer takes one step per hyper-step with its own lr, so the
+            coefficients move about ``hyper_interval`` times more slowly per model step.
         clip_hypergrad: if given, each hypergradient entry is clamped to ``[-clip, clip]`` before it
             drives a hyper-step.
         backend: ``"functional"`` or ``"graph"`` (see module docstring).
