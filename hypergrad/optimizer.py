@@ -86,8 +86,13 @@ class HyperOptimizer(RuleOptimizer):
         nonfinite: what a NaN/Inf does. ``"skip"`` (default): a non-finite gradient skips the whole
             step (counted in ``skipped_steps``), a non-finite hypergradient skips the hyper-step and
             keeps the coefficients (``skipped_hyper_steps``), a non-finite update is not applied
-            (``skipped_updates``); ``"raise"``: ``FloatingPointError``; ``"ignore"``: no checks (and no
-            host read of a flag per step).
+            (``skipped_updates``; on the eager path only: the fused path computes and applies the
+            update in place in one loop, so it cannot hold one back. MADA's update is finite for a
+            finite gradient unless a gradient's square overflows, |g| > ~1.8e19 in float32, which
+            gradient clipping prevents; where that can happen, or with a family whose update can
+            be non-finite otherwise, such as one dividing by the gradient, use ``fused=False``);
+            ``"raise"``: ``FloatingPointError``; ``"ignore"``: no checks (and no host read of a flag
+            per step).
         state_dtype: dtype of the model optimizer's buffers and update arithmetic, as for
             ``RuleOptimizer`` (``torch.float32`` for bfloat16 parameters); the recorded inputs of the
             last update (gradient, buffers, parameters) are kept in it too, so the hypergradients are

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import hypergrad as H
+import optimizers as O
 from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
 
 
@@ -113,6 +114,31 @@ def test_finite_check_is_exact(dtype):
     assert _all_finite([])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_mada_update_is_finite_until_a_gradient_square_overflows(fused):
+    """What the fused path relies on (it cannot hold back a non-finite update): MADA's update is finite
+    for finite gradients, from zero and subnormal to large ones, at every vertex and in the interior,
+    over several steps (the moments and g_prev carry the extremes), as long as g^2 does not overflow
+    (|g| < ~1.8e19 in float32); past that, the eager path holds the update back (or raises)."""
+    f32 = torch.finfo(torch.float32)
+    values = torch.tensor([0.0, f32.tiny, -f32.tiny, 1e-45, 1e-30, 1.0, -1.0, 1e18, -1e18, 3e18])
+    points = [{}, MADA_INTERIOR] + [dict(v) for v in O.get_rule("mada").vertices.values()]
+    for point in points:
+        p = nn.Parameter(torch.zeros(len(values)))
+        opt = H.MADA([p], lr=1e-3, weight_decay=0.1, fused=fused, nonfinite="raise", **point)
+        for k in range(4):
+            p.grad = values.roll(k) * (-1) ** k
+            opt.step()
+            assert torch.isfinite(p).all(), (point, k, p)
+        assert opt.skipped_updates == 0 and opt.skipped_steps == 0
+    if not fused:  # g^2 overflows: the update is non-finite (inf - inf in Yogi's target), and is not applied
+        p = nn.Parameter(torch.zeros(2))
+        opt = H.MADA([p], lr=1e-3, nonfinite="skip")
+        p.grad = torch.tensor([1e30, 1.0])
+        opt.step()
+        assert opt.skipped_updates == 1 and torch.equal(p.detach(), torch.zeros(2))
+
+
 def test_huge_finite_gradient_is_not_skipped():
     p = nn.Parameter(torch.zeros(4))
     opt = H.MADA([p], lr=1e-3)
@@ -146,7 +172,6 @@ def test_nan_hypergradient_keeps_coefficients(monkeypatch):
 
 def test_nonfinite_update_is_not_applied():
     """Finite gradient, non-finite update (a family dividing by g): the parameters must not move."""
-    import optimizers as O
 
     family = O.Family("inverse", [O.Coefficient("a", 1.0, O.Interval(0.0, 2.0))], O.Coef("a") / O.grad)
     p = nn.Parameter(torch.ones(3, dtype=torch.float64))
