@@ -139,6 +139,34 @@ def test_mada_update_is_finite_until_a_gradient_square_overflows(fused):
         assert opt.skipped_updates == 1 and torch.equal(p.detach(), torch.zeros(2))
 
 
+@pytest.mark.parametrize("fused,nonfinite", [(False, "skip"), (True, "skip"), (True, "raise")])
+def test_non_finite_update_from_a_finite_gradient(fused, nonfinite):
+    """A finite gradient whose square overflows (float64 here) makes MADA's update non-finite. The
+    eager path holds it back (``skipped_updates``) and trains on; the fused path applies it in the
+    loop that computes it, and its next step, whose vjp kernels recompute that update, raises
+    instead of skipping steps forever on the gradients of the broken parameters."""
+    model, loss_fns = builtin_problem(6, seed=0)
+    # MADA's defaults (c = 1): the overflowing square makes Yogi's half 0 * inf = NaN
+    opt = H.MADA(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, nonfinite=nonfinite)
+    _steps(model, opt, loss_fns[:2])
+    opt.zero_grad()
+    loss_fns[2](model).backward()
+    model.fc1.weight.grad[0, 0] = 1e200
+    before = model.fc1.weight.detach().clone()
+    opt.step()
+    if not fused:
+        assert opt.skipped_updates == 1 and torch.equal(model.fc1.weight.detach(), before)
+        _steps(model, opt, loss_fns[3:])
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return
+    assert not torch.isfinite(model.fc1.weight).all()  # applied: the fused path could not hold it back
+    opt.zero_grad()
+    loss_fns[3](model).backward()
+    message = r"non-finite update applied at the last step in param group\(s\) \[0\]"
+    with pytest.raises(FloatingPointError, match=message):
+        opt.step()
+
+
 def test_huge_finite_gradient_is_not_skipped():
     p = nn.Parameter(torch.zeros(4))
     opt = H.MADA([p], lr=1e-3)
