@@ -171,7 +171,7 @@ class HyperKernels:
         return kern
 
     def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
-                              fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor]:
+                              fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}), sum(Delta_t))`` for one tensor (``Delta_t`` without
         the decay term: x enters as 0)."""
         return self.partial_for(fixed, t)(g_old, old_states, cotangent, q)

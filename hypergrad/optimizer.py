@@ -457,9 +457,11 @@ class HyperOptimizer(RuleOptimizer):
     def _check_last_updates(self):
         """On the fused path: raise if an update applied at the last step was non-finite (the vjp kernels
         recompute it from its record). The update kernel applies it in the loop that computes it, so
-        it could not be held back as on the eager path, and skipping now would not undo it."""
+        it could not be held back as on the eager path, and skipping now would not undo it. A sum that
+        is non-finite while the parameters it moved are all finite only overflowed: every element
+        of that update was finite (x + delta is finite only for a finite delta)."""
         bad = [rec["group"] for rec, s in zip(self._records0, self._update_sums_by_record())
-               if not bool(torch.isfinite(s).all())]
+               if not bool(torch.isfinite(s).all()) and not _all_finite([p.detach() for p in rec["params"]])]
         if bad:
             raise FloatingPointError(
                 f"non-finite update applied at the last step in param group(s) {sorted(set(bad))} (fused=True "

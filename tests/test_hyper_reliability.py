@@ -167,6 +167,17 @@ def test_non_finite_update_from_a_finite_gradient(fused, nonfinite):
         opt.step()
 
 
+def test_fused_update_whose_sum_overflows_is_not_reported():
+    """Huge but finite SGD updates whose sum overflows float32: the fused path's check of the recomputed
+    update finds the parameters finite and does not raise (nor does the gradient check skip)."""
+    p = nn.Parameter(torch.zeros(1000))
+    opt = H.HyperOptimizer([p], "sgd", lr=1e-2, learn=["momentum"], momentum=0.5, fused=True)
+    for g in (1.0, 1e38, 1.0):  # the update of the second step is -1e36 per element, its sum -1e39
+        p.grad = torch.full((1000,), g)
+        opt.step()
+    assert opt.skipped_steps == 0 and torch.isfinite(p).all()
+
+
 def test_huge_finite_gradient_is_not_skipped():
     p = nn.Parameter(torch.zeros(4))
     opt = H.MADA([p], lr=1e-3)
