@@ -27,22 +27,28 @@ def _steps(model, opt, loss_fns):
         opt.step()
 
 
-@pytest.mark.parametrize("backend,fused", [("functional", False), ("graph", False), ("functional", True)])
-def test_state_dict_resume_is_exact(backend, fused):
+@pytest.mark.parametrize("backend,fused,interval", [("functional", False, 1), ("graph", False, 1),
+                                                    ("functional", True, 1), ("functional", False, 3),
+                                                    ("functional", True, 3)])
+def test_state_dict_resume_is_exact(backend, fused, interval):
+    """Saved and resumed, the run continues bit for bit. Learning every third step (records at steps 1,
+    4, 7...), the save falls between the recorded update of step 7 and step 8, which learns from it."""
+    split = 8 if interval == 1 else 7
     model, loss_fns = builtin_problem(16, seed=5)
-    opt = _make(backend, model, fused=fused)
-    _steps(model, opt, loss_fns[:8])
+    opt = _make(backend, model, fused=fused, hyper_interval=interval)
+    _steps(model, opt, loss_fns[:split])
+    assert opt._records0 is not None
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    _steps(model, opt, loss_fns[8:])
+    _steps(model, opt, loss_fns[split:])
 
     resumed_model, _ = builtin_problem(16, seed=99)  # different weights until loaded
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed_model.load_state_dict(saved["model"])
-    resumed = _make(backend, resumed_model, fused=fused)
+    resumed = _make(backend, resumed_model, fused=fused, hyper_interval=interval)
     resumed.load_state_dict(saved["opt"])
-    _steps(resumed_model, resumed, loss_fns[8:])
+    _steps(resumed_model, resumed, loss_fns[split:])
 
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
