@@ -79,6 +79,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_help("clip the global gradient norm to this (0: off)"))
     hyper_lr: float = field(default=1e-3, metadata=_help("learning rate of the hyper-level Adam (mada, hyperadam)"))
     hyper_warmup: int = field(default=0, metadata=_help("steps before hyper-learning starts (mada, hyperadam)"))
+    hyper_interval: int = field(default=1, metadata=_help(
+        "learn the coefficients every this many steps, the steps between run the plain rule (mada, hyperadam)"))
     clip_hypergrad: Optional[float] = field(default=None, metadata=_help("clamp each hypergradient entry"))
     fused: bool = field(default=False, metadata=_help(
         "compiled fused kernels: torch AdamW(fused=True), fused=True for mada/hyperadam and the rules (the first "
@@ -93,7 +95,8 @@ class TrainConfig:
     checkpoint_interval: int = field(default=0, metadata=_help("checkpoint every this many iters (0: end only)"))
     checkpoint: bool = field(default=True, metadata=_help("write checkpoints at all"))
     resume: bool = field(default=False, metadata=_help(
-        "continue from out_dir/ckpt.pt (same config; progress, threads and the intervals may change)"))
+        "continue from out_dir/ckpt.pt (same config; progress, threads and the eval, log and checkpoint intervals "
+        "may change)"))
     out_dir: str = field(default="runs/train", metadata=_help("log.jsonl, ckpt.pt and summary.json go here"))
     seed: int = field(default=1337, metadata=_help("model init, dropout and training batches"))
     threads: int = field(default=0, metadata=_help("torch.set_num_threads (0: leave as is)"))
@@ -105,7 +108,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be {what}")
 
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "eval_batch_size",
-                     "log_interval"):
+                     "log_interval", "hyper_interval"):
             need(getattr(self, name) >= 1, name, ">= 1")
         for name in ("warmup_iters", "checkpoint_interval", "threads", "hyper_warmup"):
             need(getattr(self, name) >= 0, name, ">= 0")

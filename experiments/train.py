@@ -122,7 +122,8 @@ def make_optimizer(cfg: TrainConfig, groups: List[dict]) -> torch.optim.Optimize
         try:
             return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        tower=hypergrad.Level("adam", lr=cfg.hyper_lr), warmup=cfg.hyper_warmup,
-                       clip_hypergrad=cfg.clip_hypergrad, fused=cfg.fused, **{**betas, **coefs})
+                       hyper_interval=cfg.hyper_interval, clip_hypergrad=cfg.clip_hypergrad, fused=cfg.fused,
+                       **{**betas, **coefs})
         except ValueError as err:
             raise ConfigError(f"optimizer={name!r}, coefs={cfg.coefs!r}: {err}") from None
     rule = name[len("rule:"):] if name.startswith("rule:") else name

@@ -84,6 +84,13 @@ def test_same_seed_same_run_and_same_start(tmp_path):
     assert first_a["lr"] == first_m["lr"]
 
 
+def test_hyper_settings_reach_the_optimizer(tmp_path):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = train.make_optimizer(tiny(tmp_path, optimizer="mada", hyper_interval=3, hyper_warmup=2, hyper_lr=0.01),
+                               [{"params": params}])
+    assert (opt.hyper_interval, opt.warmup, opt.tower[0].lr) == (3, 2, 0.01)
+
+
 def test_grad_accum_rules_and_no_clip(tmp_path):
     threads = torch.get_num_threads()
     s = train.run(tiny(tmp_path, "acc", grad_accum=2, grad_clip=0.0, max_iters=3, eval_interval=3, threads=1))
@@ -135,6 +142,7 @@ def test_config_overrides_are_typed():
     (["--lr=1", "--lr=2"], r"--lr given twice"),
     (["lr=1"], r"expected --key=value"),
     (["--max_iters=0"], r"max_iters=0: must be >= 1"),
+    (["--hyper_interval=0"], r"hyper_interval=0: must be >= 1"),
     (["--lr=-1"], r"lr=-1.0: must be a finite number > 0"),
     (["--coefs=rho"], r"coefs: 'rho' is not name=value"),
 ])
