@@ -55,8 +55,9 @@ per candidate, counted from the code and measured, and the peak memory above the
 bytes each step must move per parameter and the ratio to fused AdamW that this floor implies, (d) the
 whole train step (forward, backward, step) on the demo GPT and on nanoGPT's Shakespeare config,
 (e) step time against parameter count (MLPs of 1M to 50M parameters), (f) the cost of each
-extra level of a hyper-optimizer tower and (g) the two compiled kernels of the hyper-learning step
-timed alone against their bandwidth floors (``kernel_table``). See ``run_all`` for the knobs and
+extra level of a hyper-optimizer tower, (g) the two compiled kernels of the hyper-learning step
+timed alone against their bandwidth floors (``kernel_table``) and (h) the step of hyper-learning
+every k steps (``hyper_interval``), averaged over its cycle (``interval_table``). See ``run_all`` for the knobs and
 ``write_doc`` for the page.
 """
 from __future__ import annotations
