@@ -5,10 +5,8 @@ Two compiled functions per (family, weight-decay mode), each called once per par
 
 * ``partial_hypergradient``: the vjp of the recorded last update at the new gradient,
   ``g_{t+1}^T dDelta_t/dq`` (``torch.func.vjp`` traced into one loop with its reductions; scalar
-  subexpressions hoisted out of it), and from the same loop the sum of ``g_{t+1}``, the non-finite
-  check of that gradient, and the sum of the recomputed update (its rule part, x entering as 0),
-  the non-finite check of the update applied at the last step, which the update kernel could not
-  hold back. It reads the recorded inputs and writes nothing.
+  subexpressions hoisted out of it), and the sum of ``g_{t+1}`` from the same loop, which is the
+  non-finite check of that gradient. It reads the recorded inputs and writes nothing.
 * ``update``: the model update with the fresh coefficients. When the next step will learn from
   it, the buffers are left at the state *before* it and only its gradient is stored: the next vjp
   needs exactly these. The next update first advances the buffers past the recorded update (it
@@ -74,13 +72,13 @@ def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed,
 
     if varying:
         scalars, scalars_vjp = torch.func.vjp(scalars_of, q)
-        delta, vjp_fn = torch.func.vjp(delta_of, q, tuple(map(_materialized, scalars)))
+        _, vjp_fn = torch.func.vjp(delta_of, q, tuple(map(_materialized, scalars)))
         partial_q, partial_s = vjp_fn(cotangent)
         partial = partial_q + scalars_vjp(partial_s)[0]
     else:
-        delta, vjp_fn = torch.func.vjp(lambda qv: delta_of(qv, ()), q)
+        _, vjp_fn = torch.func.vjp(lambda qv: delta_of(qv, ()), q)
         partial = vjp_fn(cotangent)[0]
-    return partial, cotangent_sum, delta.sum()
+    return partial, cotangent_sum
 
 
 def _advance(family, mode, g_old, state, h_old, t_old, pre_old):
@@ -171,15 +169,13 @@ class HyperKernels:
         return kern
 
     def partial_hypergradient(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor,
-                              fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}), sum(Delta_t))`` for one tensor (``Delta_t`` without
-        the decay term: x enters as 0)."""
+                              fixed: Mapping[str, Tensor], t: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(g_{t+1}^T dDelta_t/dq, sum(g_{t+1}))`` for one tensor."""
         return self.partial_for(fixed, t)(g_old, old_states, cotangent, q)
 
     def partial_for(self, fixed: Mapping[str, Tensor], t: Tensor):
         """``partial_hypergradient`` with its scalars bound once: ``(g_old, old_states, cotangent, q)
-        -> (partial, gradient sum, update sum)``, for every segment of a record (``.prepare(...)``: the
-        call, to make later)."""
+        -> (partial, sum)``, for every segment of a record (``.prepare(...)``: the call, to make later)."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
         bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)

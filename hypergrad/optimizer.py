@@ -87,8 +87,9 @@ class HyperOptimizer(RuleOptimizer):
             step (counted in ``skipped_steps``), a non-finite hypergradient skips the hyper-step and
             keeps the coefficients (``skipped_hyper_steps``), a non-finite update is not applied
             (``skipped_updates``; on the eager path only: the fused path computes and applies the
-            update in place in one loop, so it cannot hold one back; its next step, whose vjp
-            kernels recompute that update, raises ``FloatingPointError`` instead. MADA's update is
+            update in place in one loop, so it cannot hold one back; the first later step whose
+            gradient the broken parameters make non-finite raises ``FloatingPointError`` naming
+            their param group, instead of skipping every step from then on. MADA's update is
             finite for a finite gradient unless a gradient's square overflows, |g| > ~1.8e19 in
             float32, which gradient clipping prevents; where that can happen, or with a family whose
             update can be non-finite otherwise, such as one dividing by the gradient, use
@@ -426,15 +427,11 @@ class HyperOptimizer(RuleOptimizer):
         if had_records:
             d = self._collect_hypergradients()
             if deferred is not None:
-                # (none: no records) the gradient sums, and the sums of the updates applied at the last
-                # step, recomputed by the same kernels
-                sums = [torch.stack(v).to(d[0].dtype) for v in (self._gradient_sums, self._update_sums) if v]
+                sums = [torch.stack(self._gradient_sums).to(d[0].dtype)] if self._gradient_sums else []  # none: no records
                 all_finite = bool(torch.isfinite(torch.cat(sums + [x.reshape(-1) for x in d])).all())
-                if not all_finite:
-                    self._check_last_updates()
-                    if not self._gradients_finite():  # names the culprits, counts the skip
-                        self.skipped_steps += 1
-                        return loss
+                if not all_finite and not self._gradients_finite():  # names the culprits, counts the skip
+                    self.skipped_steps += 1
+                    return loss
         self._hyper_step += 1
         if had_records:
             if all_finite or self._hypergradients_finite(d):
@@ -454,28 +451,20 @@ class HyperOptimizer(RuleOptimizer):
         first = max(self.warmup, 1)
         return self._hyper_step >= first and (self._hyper_step - first) % self.hyper_interval == 0
 
-    def _check_last_updates(self):
-        """On the fused path: raise if an update applied at the last step was non-finite (the vjp kernels
-        recompute it from its record). The update kernel applies it in the loop that computes it, so
-        it could not be held back as on the eager path, and skipping now would not undo it. A sum that
-        is non-finite while the parameters it moved are all finite only overflowed: every element
-        of that update was finite (x + delta is finite only for a finite delta)."""
-        bad = [rec["group"] for rec, s in zip(self._records0, self._update_sums_by_record())
-               if not bool(torch.isfinite(s).all()) and not _all_finite([p.detach() for p in rec["params"]])]
+    def _check_parameters_finite(self):
+        """On the fused path, once a gradient is non-finite: raise if parameters are (an update that came
+        out non-finite was applied; the update kernel applies it in the loop that computes it, so it
+        could not be held back as on the eager path, and skipping steps would not undo it). The
+        broken parameters make the loss, and so the gradient, non-finite: this costs nothing until
+        then."""
+        bad = sorted({gi for gi, g in enumerate(self.param_groups)
+                      if not _all_finite([p.detach() for p in g["params"]])})
         if bad:
             raise FloatingPointError(
-                f"non-finite update applied at the last step in param group(s) {sorted(set(bad))} (fused=True "
+                f"non-finite parameters in param group(s) {bad}: a non-finite update was applied (fused=True "
                 f"computes and applies the update in one loop and cannot hold it back; with MADA this happens "
                 f"when a gradient's square overflows, |g| > ~1.8e19 in float32: clip the gradients, or use "
                 f"fused=False, which skips such updates)")
-
-    def _update_sums_by_record(self) -> List[Tensor]:
-        """``_update_sums`` grouped per record (the vjp kernels ran over the records in order)."""
-        out, i = [], 0
-        for n in self._vjp_calls_per_record:
-            out.append(torch.stack(self._update_sums[i:i + n]) if n else torch.zeros(0))
-            i += n
-        return out
 
     def _check_learned_lr_untouched(self):
         """With ``"lr"`` learned, the group's ``lr`` is only its initial value: an LR scheduler (or a
@@ -517,6 +506,8 @@ class HyperOptimizer(RuleOptimizer):
                 return True
         elif _all_finite(grads):
             return True
+        if self.fused:
+            self._check_parameters_finite()
         if self.nonfinite == "raise":
             bad = [(gi, i) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
                    if p.grad is not None and not bool(torch.isfinite(dtensor.local(p.grad)).all())]
@@ -796,7 +787,7 @@ class HyperOptimizer(RuleOptimizer):
         run of small tensors are concatenated here once and kept for this step's update kernel."""
         self._adopt_records()
         d1 = torch.zeros_like(self._q[0])
-        self._gradient_sums, self._update_sums, self._vjp_calls_per_record = [], [], []
+        self._gradient_sums = []
         q_of_set: Dict[object, Tensor] = {}
         sums: Dict[object, Tensor] = {}  # per coefficient set: its partial hypergradient
         learned = set(self.learn)
@@ -810,7 +801,6 @@ class HyperOptimizer(RuleOptimizer):
             plan = self._plan(params)
             plan.check(params)
             g_views, state_views = plan.views(rec["g"]), [plan.views(rec["state"][m]) for m in names]
-            self._vjp_calls_per_record.append(len(plan.segments))
             for i, (off, n, idxs) in enumerate(plan.segments):
                 p = params[idxs[0]]
                 s = self._param_set[id(p)]
@@ -830,13 +820,12 @@ class HyperOptimizer(RuleOptimizer):
                 calls.append((s, partial_fn.prepare(g_views[i], [v[i] for v in state_views], cot, q)))
         for s, call in calls:  # back to back: the Python between kernels runs cache-cold (SegmentPlan)
             outputs.append((s, call()))
-        for s, (partial, cot_sum, update_sum) in outputs:
+        for s, (partial, cot_sum) in outputs:
             # summed per set in segment order (each entry: the same additions as one index_add_ per
             # segment), added into d1 once per set
             partial = partial.to(d1.dtype)
             sums[s] = partial if s not in sums else sums[s] + partial
             self._gradient_sums.append(cot_sum)
-            self._update_sums.append(update_sum)
         for s, total in sums.items():
             d1.index_add_(0, self._set_index[s], total)
         return d1

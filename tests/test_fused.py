@@ -138,13 +138,10 @@ def test_hoisted_vjp_kernel_equals_plain_vjp_of_displacement(point):
     _, vjp = torch.func.vjp(delta, q)
     (expected,) = vjp(cot)
     kern = HyperKernels(family, "decoupled", learn)
-    partial, cot_sum, update_sum = kern.partial_hypergradient(g_old, [state[k] for k in family.state_names], cot, q,
-                                                              fixed, t)
+    partial, cot_sum = kern.partial_hypergradient(g_old, [state[k] for k in family.state_names], cot, q, fixed, t)
     assert expected.abs().max() > 0
     assert (partial - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
     assert abs(cot_sum.item() - cot.sum().item()) <= 1e-12
-    recomputed = delta(q)  # the recorded update without its decay term (x = 0): its non-finite check
-    assert abs(update_sum.item() - recomputed.sum().item()) <= 1e-12 * recomputed.abs().sum().item()
 
 
 def _host_reads(opt) -> int:

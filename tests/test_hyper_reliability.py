@@ -149,8 +149,8 @@ def test_mada_update_is_finite_until_a_gradient_square_overflows(fused):
 def test_non_finite_update_from_a_finite_gradient(fused, nonfinite):
     """A finite gradient whose square overflows (float64 here) makes MADA's update non-finite. The
     eager path holds it back (``skipped_updates``) and trains on; the fused path applies it in the
-    loop that computes it, and its next step, whose vjp kernels recompute that update, raises
-    instead of skipping steps forever on the gradients of the broken parameters."""
+    loop that computes it, and its next step, whose gradient the broken parameters make non-finite,
+    raises naming their group instead of skipping every step from then on."""
     model, loss_fns = builtin_problem(6, seed=0)
     # MADA's defaults (c = 1): the overflowing square makes Yogi's half 0 * inf = NaN
     opt = H.MADA(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused, nonfinite=nonfinite)
@@ -168,14 +168,14 @@ def test_non_finite_update_from_a_finite_gradient(fused, nonfinite):
     assert not torch.isfinite(model.fc1.weight).all()  # applied: the fused path could not hold it back
     opt.zero_grad()
     loss_fns[3](model).backward()
-    message = r"non-finite update applied at the last step in param group\(s\) \[0\]"
+    message = r"non-finite parameters in param group\(s\) \[0\]: a non-finite update was applied"
     with pytest.raises(FloatingPointError, match=message):
         opt.step()
 
 
 def test_fused_update_whose_sum_overflows_is_not_reported():
-    """Huge but finite SGD updates whose sum overflows float32: the fused path's check of the recomputed
-    update finds the parameters finite and does not raise (nor does the gradient check skip)."""
+    """Huge but finite SGD gradients and updates whose sums overflow float32: the fused path neither
+    skips a step nor reports non-finite parameters."""
     p = nn.Parameter(torch.zeros(1000))
     opt = H.HyperOptimizer([p], "sgd", lr=1e-2, learn=["momentum"], momentum=0.5, fused=True)
     for g in (1.0, 1e38, 1.0):  # the update of the second step is -1e36 per element, its sum -1e39
