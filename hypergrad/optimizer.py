@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import chunk_plan, chunk_spans, default_chunk_numel, gather, write_state_
+from optimizers.functional import chunk_plan, chunk_spans, default_chunk_numel, gather, state_slice, write_state_
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -501,7 +501,7 @@ class HyperOptimizer(RuleOptimizer):
             if self._finite_on_all_ranks(_sums(local)):
                 return True
             # (every rank gets here together) a sum may have overflowed: decide elementwise
-            exact = all(bool(torch.isfinite(t).all()) for t in local)
+            exact = _elementwise_finite(local)
             if self._finite_on_all_ranks(torch.zeros(()) if exact else torch.full((), math.inf)):
                 return True
         elif _all_finite(grads):
@@ -1183,7 +1183,13 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     finite = torch.isfinite(_sums(tensors))
     if bool(finite.all()):
         return True
-    return all(bool(torch.isfinite(t).all()) for t, ok in zip(tensors, finite.tolist()) if not ok)
+    return _elementwise_finite([t for t, ok in zip(tensors, finite.tolist()) if not ok])
+
+
+def _elementwise_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, element by element (one host read per tensor):
+    the exact check behind a non-finite sum."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _sums(tensors: Sequence[Tensor]) -> Tensor:
@@ -1198,8 +1204,7 @@ def _chunk_of(rec: Dict, span: Optional[Tuple[int, int]]):
     if span is None:
         return rec["g"], rec["state"], rec["x"]
     sl = slice(*span)
-    state = {n: (b if b.dim() == 0 else b[sl]) for n, b in rec["state"].items()}
-    return rec["g"][sl], state, (None if rec["x"] is None else rec["x"][sl])
+    return rec["g"][sl], state_slice(rec["state"], *span), (None if rec["x"] is None else rec["x"][sl])
 
 
 def _record(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

@@ -16,7 +16,8 @@ from torch import Tensor
 from .family import Family
 
 __all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL",
-           "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_"]
+           "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_",
+           "state_slice"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -160,6 +161,11 @@ def scatter_add_(tensors: Sequence[Tensor], pieces: Sequence[Tuple[int, int, int
     torch._foreach_add_(targets, values)
 
 
+def state_slice(state: Mapping[str, Tensor], start: int, stop: int) -> Dict[str, Tensor]:
+    """The buffers' elements ``[start, stop)`` of the flat layout (views); scalar (0-D) buffers whole."""
+    return {n: (b if b.dim() == 0 else b[start:stop]) for n, b in state.items()}
+
+
 def write_state_(chunk: Mapping[str, Tensor], new_state: Mapping[str, Tensor], scalars: Dict[str, Tensor]) -> None:
     """Copy ``new_state`` into the buffers' slices ``chunk`` in place; the new values of scalar (0-D)
     buffers go to ``scalars`` instead (the caller writes them once, after the last chunk). A new
@@ -210,7 +216,7 @@ def apply_update(
         # parameter is written, and a value that is an old buffer's slice is copied out first.
         flat_g = gather(grads, pieces, dtype)
         flat_x = gather(params, pieces, dtype) if read_x else None
-        chunk = {n: (b if b.dim() == 0 else b[start:stop]) for n, b in state.items()}
+        chunk = state_slice(state, start, stop)
         delta, new_state = displacement(family, flat_g, chunk, flat_x, hyper, t, weight_decay_mode)
         write_state_(chunk, new_state, scalars)
         # in the buffers' dtype: a narrower parameter receives x + delta rounded once
