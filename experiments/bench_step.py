@@ -522,23 +522,20 @@ def tensor_states(fam: optimizers.Family) -> List:
 
 
 def _grad_alias_states(fam: optimizers.Family) -> int:
-    """Buffers whose new value is the raw gradient itself (``g_prev = g``): on the eager hyper path they
-    share storage with the recorded gradient copy."""
+    """Buffers whose new value is the raw gradient itself (``g_prev = g``): on the eager hyper path the
+    recorded gradient copy becomes that buffer when the next step advances the state (no write)."""
     return sum(1 for s in tensor_states(fam) if isinstance(s.definition, E.Input) and s.definition.kind == "grad")
 
 
 def eager_hyper_buffers(fam: optimizers.Family, weight_decay: float, mode: str) -> Tuple[int, bool]:
     """Parameter-sized buffers the eager hyper path keeps for ``fam`` (the model's coefficients learned,
-    not lr), and whether one of them is a copy of x: the state before the last update and after it
-    (2S), the recorded gradient (1), a copy of x only where the vjp reads it (L2 decay, or a rule that
-    reads x: ``HyperOptimizer._vjp_reads_x``), less the states whose new value is the recorded
-    gradient itself (MADA's g_prev), which are that very copy (not with L2 decay: there the rule reads
-    g + wd x)."""
+    not lr), and whether one of them is a copy of x: the S buffers, left at the state before the last
+    update (the next step's vjp advances them), the recorded gradient (1), and a copy of x only where
+    the vjp reads it (L2 decay, or a rule that reads x: ``HyperOptimizer._vjp_reads_x``)."""
     S = len(tensor_states(fam))
     decay = optimizers.needs_param(fam, weight_decay, mode)
-    l2 = mode == "l2" and weight_decay != 0
     x_copy = decay and (fam.uses_param or mode not in ("decoupled", "proximal"))
-    return 2 * S + 1 + int(x_copy) - (0 if l2 else _grad_alias_states(fam)), x_copy
+    return S + 1 + int(x_copy), x_copy
 
 
 def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
@@ -566,7 +563,7 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
                 "states": S}
     if info.kind == "hyper":
         alias = _grad_alias_states(fam)
-        total, count, xfrac = 0, 0.0, 0.0
+        total, count, xfrac, l2frac = 0, 0.0, 0.0, 0.0
         for g in groups or [{"params": [torch.empty(1)], "weight_decay": WEIGHT_DECAY}]:
             n = sum(p.numel() for p in g["params"])
             c, x_copy = eager_hyper_buffers(fam, g.get("weight_decay", 0.0),
@@ -574,10 +571,16 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
             total += n
             count += n * c
             xfrac += n * (1 if x_copy else 0)
-        count, xfrac = count / max(total, 1), xfrac / max(total, 1)
-        formula = f"2S+1+x-alias = {count:.2f} (x copy on {xfrac:.1%} of params, {alias} state = g)"
-        return {"buffers": count, "buffers_formula": formula, "floor_bytes": 3 * S + 6 + 2 * xfrac,
-                "floor_formula": f"3S+6+2x = {3 * S + 6 + 2 * xfrac:.2f}", "states": S}
+            l2frac += n * (1 if g.get("weight_decay_mode", fam.weight_decay_mode) == "l2"
+                           and g.get("weight_decay", 0.0) != 0 else 0)
+        count, xfrac, l2frac = count / max(total, 1), xfrac / max(total, 1), l2frac / max(total, 1)
+        # a state whose new value is the raw gradient (g_prev) becomes the record, unwritten (not with
+        # L2 decay: there its new value is g + wd x)
+        written = alias * (1 - l2frac)
+        formula = f"S+1+x = {count:.2f} (x copy on {xfrac:.1%} of params)"
+        floor = 3 * S + 6 - written + 2 * xfrac
+        return {"buffers": count, "buffers_formula": formula, "floor_bytes": floor,
+                "floor_formula": f"3S+6-a+2x = {floor:.2f}", "states": S}
     raise ValueError(f"unknown candidate kind {info.kind!r}")
 
 
@@ -609,9 +612,9 @@ def reachable_bytes(opt, exclude: Sequence[torch.Tensor] = ()) -> int:
             if key not in skip and key not in seen_storage:
                 seen_storage.add(key)
                 total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
+        elif isinstance(obj, dict):  # (dict's own methods: a lagging opt.state[p] would compute the current state)
+            stack.extend(dict.keys(obj))
+            stack.extend(dict.values(obj))
         elif isinstance(obj, (list, tuple, set)):
             stack.extend(obj)
         elif type(obj).__module__.split(".")[0] in ("optimizers", "hypergrad") and not isinstance(obj, optimizers.Family):
@@ -853,7 +856,7 @@ def _state_bytes(opt) -> int:
             for v in obj:
                 visit(v)
     visit([dict(s) for s in opt.state.values()])
-    visit(getattr(opt, "_records0", None) or [])
+    visit([{k: v for k, v in r.items() if k != "params"} for r in getattr(opt, "_records0", None) or []])
     visit(list(getattr(opt, "_grad_record", {}).values()))
     return total
 
@@ -1491,8 +1494,10 @@ def write_doc(report: dict, path: Path) -> str:
       "kernel recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before "
       "it, and the new gradient as cotangent: S+2), then the update reads the S buffers and g_old, advances the "
       "state past the recorded update, reads p and g, and writes the S buffers, the new gradient record and p "
-      "(2S+5); the eager hyper path (3S+6) writes new buffers and also records a copy of x where its vjp "
-      "reads it (+2: L2 decay, a rule that reads x, a learned lr). On a "
+      "(2S+5); the eager hyper path (3S+6-a) reads the same S+2 in its vjp and writes the advanced state there "
+      "(S, less the a states whose new value is the recorded gradient, which becomes their buffer: MADA's g_prev), "
+      "then reads p, g and the S buffers and writes p and the gradient record (S+4), and also records a copy of x "
+      "where its vjp reads it (+2: L2 decay, a rule that reads x, a learned lr). On a "
       "memory-bound CPU step, *floor x* = floor / 7 is the best ratio to fused AdamW the algorithm can reach, "
       "and *efficiency* = floor x / measured x (1.0: as close to the bandwidth floor as fused AdamW). "
       "*GB/s*: floor bytes over the median time. Eager candidates run in a separate interleaved group with fewer "
@@ -1534,11 +1539,11 @@ def write_doc(report: dict, path: Path) -> str:
           "keeps, besides the S buffers, the inputs of the last update for the next step's vjp: the fused path "
           "leaves the S buffers at the state before the last update (the next update advances them) and keeps two "
           "gradient records used alternately (with L2 decay they hold g + wd x, so no copy of x): S+2. The eager "
-          "path keeps the old S buffers "
-          "and a copy of the gradient, plus a copy of x where its vjp reads it (L2 decay, a rule that reads x, a "
-          "learned lr; decoupled or proximal decay with a fixed lr adds x to the update, with no learned "
-          "coefficient on it, and the update reads it from the parameters); a buffer whose new value is the "
-          "gradient itself (MADA's g_prev) is that very copy, so it is counted once.")
+          "path also leaves the S buffers at the state before the last update (the next step's vjp computes the "
+          "state after it anyway, and writes it in place) and keeps one copy of the gradient, plus a copy of x "
+          "where its vjp reads it (L2 decay, a rule that reads x, a learned lr; decoupled or proximal decay with a "
+          "fixed lr adds x to the update, with no learned coefficient on it, and the update reads it from the "
+          "parameters): S+1(+1).")
         w("")
         w(f"*measured*: a fresh optimizer per candidate over its first {mem['steps']} steps ({mem['method']}): "
           "*kept* is the allocator's level after the steps minus before, *reachable* the distinct tensor storages "

@@ -16,7 +16,10 @@ Two backends give the same numbers:
 
 * ``"functional"`` (default): the fold of ``torch.func.vjp`` closures above; the model-level update
   and its vjp run chunk by chunk (``chunk_numel`` elements, as ``RuleOptimizer``'s update), their sum
-  the bucket's, so the temporaries of the recomputed update stay chunk-sized;
+  the bucket's, so the temporaries of the recomputed update stay chunk-sized. A recorded update
+  leaves its bucket's buffers at the state before it (the record needs exactly that) and keeps a
+  copy of its gradient; the next vjp, which recomputes the update and so its new state, writes
+  that state into the buffers in place: S + 1 buffers for a rule with S, not 2S + 1;
 * ``"graph"`` (gdtuo-style): each level's last update is kept in the autograd graph and one
   ``torch.autograd.grad`` call returns every level's hypergradient.
 
@@ -528,9 +531,10 @@ class HyperOptimizer(RuleOptimizer):
         return False
 
     # ------------------------------------------------------------------ the pure functions of the last updates
-    def _model_fn(self, rec: Dict, span: Optional[Tuple[int, int]] = None):
+    def _model_fn(self, rec: Dict, span: Optional[Tuple[int, int]] = None, with_state: bool = False):
         """``q -> Delta`` for the bucket update recorded in ``rec`` (its inputs held fixed); with
-        ``span = (start, stop)``, for those elements of the bucket only (a chunk)."""
+        ``span = (start, stop)``, for those elements of the bucket only (a chunk); ``with_state``:
+        ``q -> (Delta, new state)`` (for ``torch.func.vjp(..., has_aux=True)``)."""
         group = self.param_groups[rec["group"]]
         g, state, x = _chunk_of(rec, span)
         if x is None and needs_param(self.family, rec["fixed"]["weight_decay"], rec["mode"]):
@@ -540,8 +544,8 @@ class HyperOptimizer(RuleOptimizer):
 
         def fn(q):
             h = self._model_h(group, rec["params"], q, fixed=rec["fixed"], span=span)
-            delta, _ = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
-            return delta
+            delta, new_state = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
+            return (delta, new_state) if with_state else delta
 
         return fn
 
@@ -565,6 +569,45 @@ class HyperOptimizer(RuleOptimizer):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         return flatten(grads, copy=True).to(dtype)
 
+    def _lagging(self) -> bool:
+        """Whether a recorded bucket's buffers are left at the state *before* the recorded update, with
+        the record's gradient kept beside them, until the next step advances them (the fused path, and
+        the functional backend's eager path): S + 1 parameter-sized buffers instead of 2S + 1. The graph
+        backend keeps the old buffers in its record and gives the bucket new ones."""
+        return self.fused or self.backend == "functional"
+
+    def _lagging_bucket(self, rec: Dict):
+        """The bucket whose buffers are ``rec``'s state (the record lags), or None (a record loaded,
+        copied or unpickled holds its own tensors; the bucket's are current already)."""
+        bucket = self._buckets.get(tuple(map(id, rec["params"])))
+        if bucket is None or any(bucket.flat[n] is not rec["state"][n] for n in self.family.state_names):
+            return None
+        return bucket
+
+    def _write_advanced(self, rec: Dict, span: Tuple[int, int], new_state: Mapping[str, Tensor],
+                        scalars: Dict[str, Tensor], aliases: Dict[str, Tensor]):
+        """Write one chunk of the state after ``rec``'s update into its buffers, in place. A state whose
+        new value is the recorded gradient (or parameter copy) itself, MADA's g_prev, is not written:
+        that record becomes its buffer (``aliases``, installed by ``_finish_advance``); scalar states go
+        to ``scalars``, written once after the last chunk."""
+        targets, values = {}, {}
+        records = {rec[k].untyped_storage().data_ptr(): rec[k] for k in ("g", "x") if rec[k] is not None}
+        for n, value in new_state.items():
+            buf = rec["state"][n]
+            if buf.dim() != 0 and value.untyped_storage().data_ptr() in records:
+                aliases[n] = records[value.untyped_storage().data_ptr()]
+                continue
+            targets[n], values[n] = (buf if buf.dim() == 0 else buf[span[0]:span[1]]), value
+        write_state_(targets, values, scalars)
+
+    def _finish_advance(self, rec: Dict, scalars: Mapping[str, Tensor], aliases: Mapping[str, Tensor]):
+        """The advanced record's aliased and scalar states become its bucket's buffers (and the record's:
+        a buffer replaced by the gradient record is freed now, not with the records after the vjp)."""
+        new = {**aliases, **{n: v.clone() for n, v in scalars.items()}}
+        if new:
+            self._install_state(self._lagging_bucket(rec), new)
+            rec["state"] = {**rec["state"], **new}
+
     def _collect_hypergradients(self) -> List[Tensor]:
         L = len(self.tower)
         if self.backend == "graph":
@@ -582,16 +625,32 @@ class HyperOptimizer(RuleOptimizer):
         shard = torch.zeros_like(d1) if self._reduce_sharded else None
         for rec in ([] if self.fused else self._records0):
             # chunk by chunk (``chunk_numel``): the recomputed update's temporaries stay chunk-sized;
-            # the hypergradient is the sum of the chunks' vjps
+            # the hypergradient is the sum of the chunks' vjps. A lagging record's buffers (those of its
+            # bucket) are advanced past the recorded update here, each chunk as soon as its vjp is
+            # taken: that vjp computes the new state anyway (``has_aux``), so the advance costs writes only.
             cotangent = self._cotangent(rec["params"], rec["g"].dtype)
             g_q = torch.zeros_like(self._q[0])
-            for span in chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device)):
-                _, vjp_fn = torch.func.vjp(self._model_fn(rec, span), self._q[0])
+            advance = self._lagging_bucket(rec) is not None
+            scalars: Dict[str, Tensor] = {}
+            aliases: Dict[str, Tensor] = {}
+            spans = chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device))
+            for span in spans or [(0, 0)]:  # (empty: scalar states still advance)
+                if advance:
+                    _, vjp_fn, new_state = torch.func.vjp(self._model_fn(rec, span, with_state=True), self._q[0],
+                                                          has_aux=True)
+                else:
+                    _, vjp_fn = torch.func.vjp(self._model_fn(rec, span), self._q[0])
                 g_q = g_q + vjp_fn(cotangent[span[0]:span[1]])[0]
+                if advance:  # after the vjp: its backward may read this chunk of the buffers
+                    self._write_advanced(rec, span, new_state, scalars, aliases)
+            if advance:
+                self._finish_advance(rec, scalars, aliases)
             if shard is not None and dtensor.is_sharded(rec["params"][0]):
                 shard = shard + g_q  # this rank's part of a sum over all the shards
             else:
                 d1 = d1 + g_q
+        if not self.fused:  # every lagging record has been advanced: the buffers hold the current state
+            self._records0, self._current_cache = None, {}
         if shard is not None:  # one all-reduce per step: the sum over every element of the sharded parameters
             dist.all_reduce(shard, op=dist.ReduceOp.SUM, group=self._reduce_group)
             d1 = d1 + shard
@@ -750,7 +809,10 @@ class HyperOptimizer(RuleOptimizer):
         return rec["scalars"]
 
     def _advanced_state(self, rec: Dict) -> Dict[str, Tensor]:
-        """The state after a recorded fused update (new tensors), from the state before it."""
+        """The state after a recorded update (new tensors), from the state before it."""
+        if not self.fused:
+            _, new = self._chunked_update(self.param_groups[rec["group"]], rec, self._q[0], None, keep_delta=False)
+            return {n: v.clone() if v is rec["g"] or v is rec["x"] else v for n, v in new.items()}
         kern = self._hyper_kernel(rec["mode"])
         scalars = self._record_scalars(rec, kern)
         names, params = self.family.state_names, rec["params"]
@@ -765,19 +827,21 @@ class HyperOptimizer(RuleOptimizer):
 
     def _current_buffer(self, view: Tensor) -> Tensor:
         """``view`` (a parameter's slice of a bucket buffer) as the current state: itself, unless the
-        buffer is a fused record's, left at the state before the recorded update; then the same slice
+        buffer is a lagging record's, left at the state before the recorded update; then the same slice
         of the advanced state, computed once per record and step (``_ParamState``)."""
-        if not self.fused or not self._records0:
+        if not self._lagging() or not self._records0:
             return view
         ptr = view.untyped_storage().data_ptr()
         for rec in self._records0:
             for name, buf in rec["state"].items():
-                if buf.dim() == 0 or buf.untyped_storage().data_ptr() != ptr:
+                if buf.untyped_storage().data_ptr() != ptr:
                     continue
                 cached = self._current_cache.get(id(rec))
                 if cached is None:
                     cached = self._current_cache[id(rec)] = (rec, self._advanced_state(rec))
                 new = cached[1][name]
+                if buf.dim() == 0:  # a scalar state (NAdam's running product): the same tensor for every parameter
+                    return new
                 return new.as_strided(view.shape, view.stride(),
                                       new.storage_offset() + view.storage_offset() - buf.storage_offset())
         return view
@@ -898,9 +962,13 @@ class HyperOptimizer(RuleOptimizer):
         self._records0 = records if record else None
         self._graph_residual = None
         for rec in records if record else ():  # their buffers lag: opt.state[p] reads the current state
-            for p in rec["params"]:
-                if type(self.state[p]) is not _ParamState:
-                    self.state[p] = _ParamState(self.state[p], self)
+            self._wrap_state(rec["params"])
+
+    def _wrap_state(self, params: Sequence[Tensor]):
+        """``opt.state[p]`` of a lagging bucket's parameters reads the current state (``_ParamState``)."""
+        for p in params:
+            if type(self.state[p]) is not _ParamState:
+                self.state[p] = _ParamState(self.state[p], self)
 
     def _model_update(self, record: bool):
         if self.fused:
@@ -918,8 +986,9 @@ class HyperOptimizer(RuleOptimizer):
         self._graph_chain = None
         records, graph_residual = [], []
         # The last step's records have served their vjp: let them go before this update's new buffers
-        # and records are made (their state buffers, 6 for MADA, would otherwise be alive with them).
-        self._records0 = None
+        # and records are made (the graph backend's hold the old state buffers, 6 for MADA).
+        self._records0, self._current_cache = None, {}
+        lag = record and not graph and self._lagging()
         for gi, group in enumerate(self.param_groups):
             with_grad = [p for p in group["params"] if p.grad is not None]
             if not with_grad:
@@ -942,8 +1011,8 @@ class HyperOptimizer(RuleOptimizer):
                     graph_residual.append((params, delta))
                     delta = delta.detach()
                     new_state = {n: v.detach() for n, v in new_state.items()}
-                else:
-                    delta, new_state = self._chunked_update(group, rec, q1, xs)
+                else:  # lagging: the buffers stay at the state before this update, its record's
+                    delta, new_state = self._chunked_update(group, rec, q1, xs, keep_state=not lag)
                 if self.nonfinite != "ignore" and not (bool(torch.isfinite(delta).all()) if self._reduce_group is None
                                                        else self._finite_on_all_ranks(delta)):
                     if self.nonfinite == "raise":
@@ -953,12 +1022,15 @@ class HyperOptimizer(RuleOptimizer):
                     continue
                 # in the buffers' dtype: a narrower parameter receives x + delta rounded once
                 torch._foreach_add_(list(xs), unflatten_like(delta.to(bucket.dtype), xs))
-                self._install_state(bucket, new_state)
+                if new_state is not None:
+                    self._install_state(bucket, new_state)
                 for p in params:
                     self.state[p]["step"] = step + 1
                 records.append(rec)
         self._records0 = records if record else None
         self._graph_residual = graph_residual if graph else None
+        for rec in records if lag else ():  # their buffers lag: opt.state[p] reads the current state
+            self._wrap_state(rec["params"])
 
     def _vjp_reads_x(self, mode: str) -> bool:
         """Whether the vjp of a recorded update reads the parameters x, so that the record keeps a copy
@@ -969,27 +1041,38 @@ class HyperOptimizer(RuleOptimizer):
         return (self.backend == "graph" or self.family.uses_param or "lr" in self.learn
                 or mode not in ("decoupled", "proximal"))
 
-    def _chunked_update(self, group: Mapping, rec: Dict, q1: Optional[Tensor], xs: Sequence[Tensor]
-                        ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def _chunked_update(self, group: Mapping, rec: Dict, q1: Optional[Tensor], xs: Optional[Sequence[Tensor]],
+                        keep_state: bool = True, keep_delta: bool = True
+                        ) -> Tuple[Optional[Tensor], Optional[Dict[str, Tensor]]]:
         """``displacement`` of the recorded bucket update, chunk by chunk (``chunk_numel``) into new
-        buffers: the delta and the new state (the old buffers stay as the record's). Elementwise, so
-        the numbers are those of one call over the bucket, with chunk-sized temporaries. ``xs``: the
-        bucket's tensors, read chunk by chunk where the record holds no copy of x. A state whose new
-        value is the recorded gradient or parameter itself (MADA's g_prev) becomes that record, as in
-        one call over the bucket: no buffer of its own."""
-        delta = torch.empty_like(rec["g"])
-        new_state: Dict[str, Tensor] = {}
+        buffers: the delta and the new state (the old buffers stay as the record's); each None unless
+        kept (``keep_delta``, ``keep_state``). Elementwise, so the numbers are those of one call over
+        the bucket, with chunk-sized temporaries. ``xs``: the bucket's tensors, read chunk by chunk
+        where the record holds no copy of x (not needed without the delta: x then enters the delta
+        only). A state whose new value is the recorded gradient or parameter itself (MADA's g_prev)
+        becomes that record, as in one call over the bucket: no buffer of its own."""
+        delta = torch.empty_like(rec["g"]) if keep_delta else None
+        new_state: Optional[Dict[str, Tensor]] = {} if keep_state else None
         scalars: Dict[str, Tensor] = {}
         read_x = rec["x"] is None and needs_param(self.family, rec["fixed"]["weight_decay"], rec["mode"])
-        plan = chunk_plan(xs, default_chunk_numel(self.chunk_numel, rec["g"].device))
+        zero_x = None
+        if read_x and not keep_delta:  # x enters additively, with no learned coefficient: the state never reads it
+            read_x, zero_x = False, torch.zeros((), dtype=rec["g"].dtype, device=rec["g"].device)
+        like = xs if xs is not None else [rec["g"]]
+        plan = chunk_plan(like, default_chunk_numel(self.chunk_numel, rec["g"].device))
         for start, stop, pieces in plan or [(0, 0, [])]:  # (empty: scalars still advance)
             span = (start, stop)
             g, state, x = _chunk_of(rec, span)
             if read_x:
                 x = gather(xs, pieces, rec["g"].dtype)
+            elif zero_x is not None:
+                x = zero_x
             h = self._model_h(group, rec["params"], q1, fixed=rec["fixed"], span=span)
             d, new = displacement(self.family, g, state, x, h, rec["t"], rec["mode"])
-            delta[span[0]:span[1]].copy_(d)
+            if delta is not None:
+                delta[span[0]:span[1]].copy_(d)
+            if new_state is None:
+                continue
             targets, values = {}, {}
             for n, value in new.items():
                 if rec["state"][n].dim() != 0 and (value is g or value is x):
@@ -1042,14 +1125,17 @@ class HyperOptimizer(RuleOptimizer):
         recorded inputs of the last updates (so a resumed run learns from its next gradient exactly as an
         uninterrupted one). Tensors, numbers and strings only: loads with ``torch.load(weights_only=True)``.
         """
-        # The fused path keeps a recorded bucket at the state before its last update: the state
-        # saved per parameter (torch's layout) is the state after it, computed here.
+        # A lagging record's bucket is at the state before its last update: the state saved per
+        # parameter (torch's layout) is the state after it, computed here.
         sd = super().state_dict()
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}  # torch hands out self.state's own dicts
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for rec in (self._records0 or []) if self.fused else []:
+        for rec in (self._records0 or []) if self._lagging() else []:
             for n, buf in self._advanced_state(rec).items():
-                for p, view in zip(rec["params"], unflatten_like(buf, rec["params"])):
+                # (DTensor parameters: the buffers follow their local shards)
+                views = ([buf] * len(rec["params"]) if buf.dim() == 0
+                         else unflatten_like(buf, dtensor.locals_of(rec["params"])))
+                for p, view in zip(rec["params"], views):
                     sd["state"][index[id(p)]][n] = view
 
         def pack_model(rec):

@@ -229,13 +229,14 @@ def test_bench_analytic_counts_and_floors():
     assert a("mada_hyper_fused")["buffers"] == 8 and a("mada_hyper_fused")["floor_bytes"] == 25    # S+2, 3S+7
     model = build_model("tiny", vocab_size=84)
     groups = param_groups(model, 0.1)
-    # 2S+1 - g_prev aliasing the g copy; no copy of x: MADA's decay is decoupled and lr is not learned
-    assert a("mada_hyper", groups)["buffers"] == pytest.approx(12)
+    # S+1 (the lagging state and the g copy); no copy of x: MADA's decay is decoupled and lr is not learned
+    assert a("mada_hyper", groups)["buffers"] == pytest.approx(7)
+    assert a("mada_hyper", groups)["floor_bytes"] == pytest.approx(23)    # 3S+6 - g_prev (the record, unwritten)
     mada, adam = bench_step.family("mada"), bench_step.family("adam")
-    assert bench_step.eager_hyper_buffers(mada, 0.1, "decoupled") == (12, False)
-    assert bench_step.eager_hyper_buffers(mada, 0.1, "l2") == (14, True)     # the rule reads g + wd x: x recorded
-    assert bench_step.eager_hyper_buffers(adam, 0.1, "l2") == (6, True)
-    assert bench_step.eager_hyper_buffers(adam, 0.0, "l2") == (5, False)
+    assert bench_step.eager_hyper_buffers(mada, 0.1, "decoupled") == (7, False)
+    assert bench_step.eager_hyper_buffers(mada, 0.1, "l2") == (8, True)     # the rule reads g + wd x: x recorded
+    assert bench_step.eager_hyper_buffers(adam, 0.1, "l2") == (4, True)
+    assert bench_step.eager_hyper_buffers(adam, 0.0, "l2") == (3, False)
     assert a("nope") is None
     assert abs(count_parameters(bench_step.make_model("mlp10m", device=torch.device("meta"),
                                                       **{k: bench_step.mlp_width(10e6) for k in ("in_features", "hidden")}))
