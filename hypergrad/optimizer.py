@@ -1013,7 +1013,7 @@ class HyperOptimizer(RuleOptimizer):
                     new_state = {n: v.detach() for n, v in new_state.items()}
                 else:  # lagging: the buffers stay at the state before this update, its record's
                     delta, new_state = self._chunked_update(group, rec, q1, xs, keep_state=not lag)
-                if self.nonfinite != "ignore" and not (bool(torch.isfinite(delta).all()) if self._reduce_group is None
+                if self.nonfinite != "ignore" and not (_all_finite([delta]) if self._reduce_group is None
                                                        else self._finite_on_all_ranks(delta)):
                     if self.nonfinite == "raise":
                         raise FloatingPointError(f"non-finite update in param group {gi}; nonfinite='raise'")
