@@ -1218,10 +1218,11 @@ class HyperOptimizer(RuleOptimizer):
 
 
 class _ParamState(dict):
-    """``opt.state[p]`` of a parameter in a recorded bucket on the fused path.
+    """``opt.state[p]`` of a parameter in a recorded bucket whose buffers lag (``HyperOptimizer._lagging``).
 
     There the bucket's buffers hold the state *before* the last update (the next vjp recomputes that
-    update from them, and the next update advances them: ``hypergrad/fused.py``). Read through this
+    update from them; the next update advances them on the fused path, ``hypergrad/fused.py``, and
+    the vjp itself on the eager path). Read through this
     mapping (``[]``, ``get``, ``items``, ``values``), a buffer is the current state, as in
     ``state_dict()`` and on the other paths: computed from those buffers on first access after a step
     (``HyperOptimizer._current_buffer``), a new tensor, so writing into it does not change the
