@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import chunk_plan, chunk_spans, default_chunk_numel, gather, state_slice, write_state_
+from optimizers.functional import (chunk_plan, chunk_spans, default_chunk_numel, flat_buffer, gather, state_slice,
+                                  write_state_)
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -930,9 +931,10 @@ class HyperOptimizer(RuleOptimizer):
             if record:  # two gradient buffers per bucket, alternating: never read and overwrite one
                 pair = self._grad_record.get(key)
                 if pair is None:
-                    pair = self._grad_record[key] = [torch.empty(sum(p.numel() for p in params),
-                                                                 dtype=params[0].dtype, device=params[0].device)
-                                                     for _ in range(2)]
+                    S = len(self.family.state_names)  # (the state buffers take slots 1..S: flat_buffer)
+                    pair = self._grad_record[key] = [flat_buffer(sum(p.numel() for p in params), params[0].dtype,
+                                                                 params[0].device, S + 1 + i)
+                                                     for i in range(2)]
                 g_store = pair[1] if g_last is pair[0] else pair[0]
             state = dict(bucket.flat)
             now = self._step_scalars(fixed, params, float(step + 1), kern)
@@ -1199,7 +1201,8 @@ class HyperOptimizer(RuleOptimizer):
                 records.append({"params": ps, "group": int(rec["group"]), "t": float(rec["t"]), "mode": rec["mode"],
                                 "fixed": dict(rec["fixed"]), "g": rec["g"].detach().to(ps[0].device).clone(),
                                 "x": rec["x"].detach().clone() if "x" in rec else None,
-                                "state": {n: v.detach().clone() for n, v in rec["state"].items()}})
+                                "state": {n: _staggered_copy(rec["state"][n], slot)
+                                          for slot, n in enumerate(self.family.state_names, start=1)}})
             if self.fused:  # the scalars the recorded updates used: the saved coefficients are theirs, now
                 for rec in records:
                     self._record_scalars(rec, self._hyper_kernel(rec["mode"]))
@@ -1292,6 +1295,15 @@ def _chunk_of(rec: Dict, span: Optional[Tuple[int, int]]):
         return rec["g"], rec["state"], rec["x"]
     sl = slice(*span)
     return rec["g"][sl], state_slice(rec["state"], *span), (None if rec["x"] is None else rec["x"][sl])
+
+
+def _staggered_copy(t: Tensor, slot: int) -> Tensor:
+    """A copy of a loaded flat buffer, placed as the bucket's own buffers are (``flat_buffer``): on the
+    fused path a record's buffers become its bucket's."""
+    t = t.detach()
+    if t.dim() != 1:
+        return t.clone()
+    return flat_buffer(t.numel(), t.dtype, t.device, slot).copy_(t)
 
 
 def _record(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
-from .functional import apply_update, displacement, flatten, needs_param, unflatten_like
+from .functional import apply_update, displacement, flat_buffer, flatten, needs_param, unflatten_like
 from .compiled import SegmentPlan
 from .fused import FusedKernel
 from .rules import get_rule
@@ -256,16 +256,18 @@ class RuleOptimizer(torch.optim.Optimizer):
         adopted = flat is not None
         flat = dict(flat) if adopted else {}
         have_state = all(s.name in self.state[p] for p in params for s in fam.states)
-        for s in ([] if adopted else fam.states):
+        numel = sum(p.numel() for p in shapes)
+        for slot, s in enumerate([] if adopted else fam.states, start=1):  # (slots: flat_buffer)
             if s.scalar:
                 value = self.state[params[0]][s.name] if have_state else None
                 flat[s.name] = (value.detach().clone().to(device=device, dtype=dtype) if value is not None
                                 else torch.full((), s.init, dtype=dtype, device=device))
             elif have_state:
-                flat[s.name] = torch.cat([self.state[p][s.name].detach().reshape(-1).to(device=device, dtype=dtype)
-                                          for p in params])
+                flat[s.name] = flat_buffer(numel, dtype, device, slot)
+                torch.cat([self.state[p][s.name].detach().reshape(-1).to(device=device, dtype=dtype) for p in params],
+                          out=flat[s.name])
             else:
-                flat[s.name] = torch.full((sum(p.numel() for p in shapes),), s.init, dtype=dtype, device=device)
+                flat[s.name] = flat_buffer(numel, dtype, device, slot, fill=s.init)
         # Re-point each parameter's state at views of the new flat buffers; buckets that shared any
         # of these parameters are retired (their other members are re-bucketed when they step).
         for p in params:

@@ -17,7 +17,7 @@ from .family import Family
 
 __all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL",
            "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_",
-           "state_slice"]
+           "state_slice", "flat_buffer", "STAGGER_BYTES"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -76,6 +76,39 @@ def needs_param(family: Family, weight_decay, weight_decay_mode: str) -> bool:
 # is the state plus about one buffer. On a GPU the caching allocator reuses its memory and each
 # chunk would cost every operation's launch again, so there the default is one chunk.
 CHUNK_NUMEL = 1 << 18
+
+
+# Where the flat buffers of one bucket start, modulo a 4 KiB page, on a CPU. A fused step streams
+# S + 2 or more buffers through one loop; allocated as they come, every large buffer starts at the
+# same offset in its page (the allocator's 64 bytes), so the i-th element of every stream falls on
+# the same 4 KiB offset, and loads and stores of different streams alias in the CPU's
+# store-forwarding check (4K aliasing) and compete for the same cache sets. Shifting stream k by
+# k * 1088 bytes (17 cache lines: no two of the first 64 streams share an offset) made a
+# 9-stream compiled loop 9-13% faster on this machine (3 runs, 10.75M float32 elements).
+STAGGER_BYTES = 17 * 64
+_PAGE = 4096
+
+
+def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: int, fill: Optional[float] = None
+                ) -> Tensor:
+    """A new 1-D buffer of ``numel`` elements (``fill``: its value, else uninitialized). On a CPU its
+    first element sits ``slot * STAGGER_BYTES`` bytes past the allocator's usual offset in a page
+    (a view into a storage one page longer), so buffers with different slots do not alias (see
+    ``STAGGER_BYTES``). Elsewhere, or for small buffers, a plain allocation."""
+    device = torch.device(device)
+    size = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or numel * size < _PAGE or slot % (_PAGE // 64) == 0:
+        if fill is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        return torch.full((numel,), fill, dtype=dtype, device=device)
+    pad = _PAGE // size
+    base = torch.empty(numel + pad, dtype=dtype, device=device)
+    start = base.data_ptr() % _PAGE
+    want = (64 + slot * STAGGER_BYTES) % _PAGE  # (the allocator's own offset is 64)
+    out = base[((want - start) % _PAGE) // size:][:numel]
+    if fill is not None:
+        out.fill_(fill)
+    return out
 
 
 def default_chunk_numel(chunk_numel: Optional[int], device: torch.device) -> Optional[int]:

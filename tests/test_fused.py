@@ -770,3 +770,49 @@ def test_the_mada_kernels_prefetch_every_buffer_they_stream():
     assert streams["fused_mada_decoupled"] == [[8]]
     assert streams["hyper_partial_mada_decoupled"] == [[9]]
     assert sorted(streams["hyper_update_mada_decoupled"]) == [[9], [10]]
+
+
+# ----------------------------------------------------------------------- buffer placement (flat_buffer)
+def _page_offset(t):
+    return t.data_ptr() % 4096
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_flat_buffers_start_at_distinct_page_offsets(dtype):
+    """On a CPU, buffer k of a bucket starts k * STAGGER_BYTES past the allocator's 64 bytes in its page,
+    so no two of a fused loop's streams share a page offset (4K aliasing); values as asked."""
+    from optimizers.functional import STAGGER_BYTES, flat_buffer
+    bufs = [flat_buffer(50_000, dtype, torch.device("cpu"), slot, fill=float(slot)) for slot in range(1, 17)]
+    offsets = [_page_offset(b) for b in bufs]
+    assert offsets == [(64 + k * STAGGER_BYTES) % 4096 for k in range(1, 17)]
+    assert len(set(offsets)) == 16
+    for slot, b in enumerate(bufs, start=1):
+        assert b.shape == (50_000,) and b.dtype == dtype and b.is_contiguous() and bool((b == slot).all())
+    # below a page, or slot 0: a plain allocation
+    assert flat_buffer(100, dtype, torch.device("cpu"), 3).untyped_storage().nbytes() == 100 * b.element_size()
+    assert flat_buffer(50_000, dtype, torch.device("cpu"), 0).storage_offset() == 0
+
+
+def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
+    import hypergrad as H
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
+    opt = H.MADA(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+
+    def offsets(o):
+        bucket = next(iter(o._buckets.values()))
+        flat = [b for b in bucket.flat.values() if b.dim()]
+        return [_page_offset(b) for b in flat + next(iter(o._grad_record.values()))]
+
+    def train(o, steps):
+        for _ in range(steps):
+            o.zero_grad()
+            model(torch.randn(8, 64)).pow(2).mean().backward()
+            o.step()
+
+    train(opt, 3)
+    assert len(set(offsets(opt))) == len(O.get_rule("mada").state_names) + 2  # 6 states, 2 gradient records
+    again = H.MADA(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    again.load_state_dict(opt.state_dict())
+    train(again, 2)  # the loaded records' buffers became the buckets' ones
+    assert len(set(offsets(again))) == len(O.get_rule("mada").state_names) + 2
