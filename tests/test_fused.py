@@ -782,21 +782,22 @@ def test_flat_buffers_start_at_distinct_page_offsets(dtype):
     """On a CPU, buffer k of a bucket starts k * STAGGER_BYTES past the allocator's 64 bytes in its page,
     so no two of a fused loop's streams share a page offset (4K aliasing); values as asked."""
     from optimizers.functional import STAGGER_BYTES, flat_buffer
-    bufs = [flat_buffer(50_000, dtype, torch.device("cpu"), slot, fill=float(slot)) for slot in range(1, 17)]
+    n = 600_000  # >= STAGGER_MIN_BYTES in every dtype here
+    bufs = [flat_buffer(n, dtype, torch.device("cpu"), slot, fill=float(slot)) for slot in range(1, 17)]
     offsets = [_page_offset(b) for b in bufs]
     assert offsets == [(64 + k * STAGGER_BYTES) % 4096 for k in range(1, 17)]
     assert len(set(offsets)) == 16
     for slot, b in enumerate(bufs, start=1):
-        assert b.shape == (50_000,) and b.dtype == dtype and b.is_contiguous() and bool((b == slot).all())
-    # below a page, or slot 0: a plain allocation
-    assert flat_buffer(100, dtype, torch.device("cpu"), 3).untyped_storage().nbytes() == 100 * b.element_size()
-    assert flat_buffer(50_000, dtype, torch.device("cpu"), 0).storage_offset() == 0
+        assert b.shape == (n,) and b.dtype == dtype and b.is_contiguous() and bool((b == slot).all())
+    # small (streamed from cache; a page of padding would matter), or slot 0: a plain allocation
+    assert flat_buffer(1000, dtype, torch.device("cpu"), 3).untyped_storage().nbytes() == 1000 * b.element_size()
+    assert flat_buffer(n, dtype, torch.device("cpu"), 0).storage_offset() == 0
 
 
 def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
     import hypergrad as H
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64))
+    model = nn.Sequential(nn.Linear(512, 1024), nn.Tanh(), nn.Linear(1024, 512))  # 4 MiB buffers: staggered
     opt = H.MADA(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
 
     def offsets(o):
@@ -807,7 +808,7 @@ def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
     def train(o, steps):
         for _ in range(steps):
             o.zero_grad()
-            model(torch.randn(8, 64)).pow(2).mean().backward()
+            model(torch.randn(8, 512)).pow(2).mean().backward()
             o.step()
 
     train(opt, 3)
