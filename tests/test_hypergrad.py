@@ -237,7 +237,7 @@ def test_lagging_eager_state_is_the_graph_backends(rule, mode, kwargs, interval)
         return opt, out
 
     lagging, a = run("functional")
-    graph, b = run("graph")
+    _, b = run("graph")
     fam = lagging.family
     # (the backends sum the vjp in different orders; the hyper-level Adam's first steps amplify that
     # to ~1e-9 here (NAdam), and a gradient near 0 differs by that much: a state advanced twice or not at all
