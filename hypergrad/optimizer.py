@@ -601,12 +601,12 @@ class HyperOptimizer(RuleOptimizer):
             targets[n], values[n] = (buf if buf.dim() == 0 else buf[span[0]:span[1]]), value
         write_state_(targets, values, scalars)
 
-    def _finish_advance(self, rec: Dict, scalars: Mapping[str, Tensor], aliases: Mapping[str, Tensor]):
+    def _finish_advance(self, rec: Dict, bucket, scalars: Mapping[str, Tensor], aliases: Mapping[str, Tensor]):
         """The advanced record's aliased and scalar states become its bucket's buffers (and the record's:
         a buffer replaced by the gradient record is freed now, not with the records after the vjp)."""
         new = {**aliases, **{n: v.clone() for n, v in scalars.items()}}
         if new:
-            self._install_state(self._lagging_bucket(rec), new)
+            self._install_state(bucket, new)
             rec["state"] = {**rec["state"], **new}
 
     def _collect_hypergradients(self) -> List[Tensor]:
@@ -631,21 +631,18 @@ class HyperOptimizer(RuleOptimizer):
             # taken: that vjp computes the new state anyway (``has_aux``), so the advance costs writes only.
             cotangent = self._cotangent(rec["params"], rec["g"].dtype)
             g_q = torch.zeros_like(self._q[0])
-            advance = self._lagging_bucket(rec) is not None
+            bucket = self._lagging_bucket(rec)  # (None: a loaded record; its bucket is current already)
             scalars: Dict[str, Tensor] = {}
             aliases: Dict[str, Tensor] = {}
             spans = chunk_spans(rec["g"].numel(), default_chunk_numel(self.chunk_numel, rec["g"].device))
             for span in spans or [(0, 0)]:  # (empty: scalar states still advance)
-                if advance:
-                    _, vjp_fn, new_state = torch.func.vjp(self._model_fn(rec, span, with_state=True), self._q[0],
-                                                          has_aux=True)
-                else:
-                    _, vjp_fn = torch.func.vjp(self._model_fn(rec, span), self._q[0])
+                _, vjp_fn, new_state = torch.func.vjp(self._model_fn(rec, span, with_state=True), self._q[0],
+                                                      has_aux=True)
                 g_q = g_q + vjp_fn(cotangent[span[0]:span[1]])[0]
-                if advance:  # after the vjp: its backward may read this chunk of the buffers
+                if bucket is not None:  # after the vjp: its backward may read this chunk of the buffers
                     self._write_advanced(rec, span, new_state, scalars, aliases)
-            if advance:
-                self._finish_advance(rec, scalars, aliases)
+            if bucket is not None:
+                self._finish_advance(rec, bucket, scalars, aliases)
             if shard is not None and dtensor.is_sharded(rec["params"][0]):
                 shard = shard + g_q  # this rank's part of a sum over all the shards
             else:
