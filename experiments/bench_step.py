@@ -337,7 +337,11 @@ def _loadavg() -> Optional[List[float]]:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD's commit, with ``-dirty`` when the working tree has changes; None outside git."""
+    """HEAD's commit, with ``-dirty`` when the working tree has changes. Outside git (a copy of the tree
+    sent to a GPU machine, say), the environment's ``HYPERGRAD_GIT_COMMIT`` (the commit the copy was
+    made from, as the caller states it), else None."""
+    if not (REPO_ROOT / ".git").exists():
+        return os.environ.get("HYPERGRAD_GIT_COMMIT")
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -1316,7 +1320,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
             tower_steps: int = 30, tower_fused: bool = True, tower_small_model: Optional[str] = "tiny",
             tower_small_steps: int = 60, kernel_numel: int = 10_500_000, kernel_steps: int = 15,
             interval_model: Optional[str] = "gpt10m", intervals: Sequence[int] = INTERVALS, interval_steps: int = 32,
-            device: Optional[torch.device] = None, seed: int = 0, progress: bool = True) -> dict:
+            device: Optional[torch.device] = None, seed: int = 0, progress: bool = True,
+            partial_out: Optional[Path] = None) -> dict:
     """Every measurement of issue #5 in one process; returns the report (``"kind": "all"``).
 
     ``train``: ``(label, model, batch, project_batch, timed rounds[, autocast dtype])`` per whole-train-step
@@ -1325,7 +1330,9 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
     linearly). ``tower_small_model``: the tower table again on this (small) model, eager path, to
     resolve the absolute cost of a level. ``kernel_numel``: size of the flat tensor of the kernel
     table (g). ``interval_model``, ``intervals``, ``interval_steps``: table (h), hyper-learning every k
-    steps. Empty sequences / None / 0 skip a phase.
+    steps. Empty sequences / None / 0 skip a phase. ``partial_out``: after each phase, the report so
+    far is written there (``"complete": false``), so a run cut short (a lease's time limit) keeps the
+    phases it finished.
     """
     device = torch.device(device) if device is not None else default_device()
     _check_rules_covered()
@@ -1337,37 +1344,43 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                                  "argv": sys.argv[1:]}
     load_start = _loadavg()
 
-    def phase(label, fn, *args, **kwargs):
+    def phase(label, into, key, fn, *args, **kwargs):
+        """Run one phase; its result goes to ``into[key]``."""
         la, t0 = _loadavg(), time.perf_counter()
         log.info("phase %s ...", label)
-        out = fn(*args, **kwargs)
+        into[key] = fn(*args, **kwargs)
         phases[label] = {"seconds": round(time.perf_counter() - t0, 1), "loadavg_before": la, "loadavg_after": _loadavg()}
         log.info("phase %s done in %.0f s (load %s -> %s)", label, phases[label]["seconds"], la, _loadavg())
-        return out
+        if partial_out is not None:
+            partial_out.parent.mkdir(parents=True, exist_ok=True)
+            partial_out.write_text(json.dumps({**report, "complete": False, "phases": phases,
+                                               "machine": machine_info(device)}, indent=2, default=str) + "\n")
 
-    report["step"] = {m: phase(f"step {m}", step_table, m, names, steps, warmup, slow_steps, device, seed, progress)
-                      for m in models}
-    if memory_model:
-        mem_names = [n for n in (memory_only or names) if n in CANDIDATES]
-        report["memory"] = phase("memory", memory_table, memory_model, mem_names, device, seed, 3, progress)
-    if tower_model:
-        report["tower"] = phase("tower", tower_table, tower_model, tower_steps, warmup, device, tower_fused, seed,
-                                progress)
-    if tower_small_model:
-        report["tower_small"] = phase("tower small", tower_table, tower_small_model, tower_small_steps, warmup, device,
-                                      False, seed, progress)
-    if kernel_numel:
-        report["kernels"] = phase("kernels", kernel_table, kernel_numel, kernel_steps, warmup, device, seed, progress)
-    if interval_model and intervals and interval_steps:
-        report["interval"] = phase("interval", interval_table, interval_model, intervals, interval_steps, warmup,
-                                   device, seed, progress)
-    if scaling_sizes:
-        report["scaling"] = phase("scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
-                                  seed, progress)
+    report["step"] = {}
+    for m in models:
+        phase(f"step {m}", report["step"], m, step_table, m, names, steps, warmup, slow_steps, device, seed, progress)
+    # the train step right after the step table: on a lent GPU, the rows asked for first
     report["train"] = {}
     for label, model, batch, proj, n_steps, *autocast in train:  # optional 6th entry: an autocast dtype
-        report["train"][label] = phase(f"train {label}", train_table, model, batch, train_candidates, n_steps, 1,
-                                       device, seed, proj, progress, *autocast)
+        phase(f"train {label}", report["train"], label, train_table, model, batch, train_candidates, n_steps, 1,
+              device, seed, proj, progress, *autocast)
+    if memory_model:
+        mem_names = [n for n in (memory_only or names) if n in CANDIDATES]
+        phase("memory", report, "memory", memory_table, memory_model, mem_names, device, seed, 3, progress)
+    if tower_model:
+        phase("tower", report, "tower", tower_table, tower_model, tower_steps, warmup, device, tower_fused, seed,
+              progress)
+    if tower_small_model:
+        phase("tower small", report, "tower_small", tower_table, tower_small_model, tower_small_steps, warmup, device,
+              False, seed, progress)
+    if kernel_numel:
+        phase("kernels", report, "kernels", kernel_table, kernel_numel, kernel_steps, warmup, device, seed, progress)
+    if interval_model and intervals and interval_steps:
+        phase("interval", report, "interval", interval_table, interval_model, intervals, interval_steps, warmup,
+              device, seed, progress)
+    if scaling_sizes:
+        phase("scaling", report, "scaling", scaling_table, scaling_sizes, scaling_candidates, scaling_steps, 1, device,
+              seed, progress)
     machine = machine_info(device)
     machine["loadavg_before"], machine["loadavg_after"] = load_start, _loadavg()
     if resource is not None:
@@ -1385,6 +1398,7 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
     report["phases"] = phases
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["verdicts"] = verdicts(report)
+    report["complete"] = True
     return report
 
 
@@ -1901,8 +1915,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         train_rows = () if args.no_train else (
             ("demo", "demo", 16, None, args.demo_train_steps),
             ("shakespeare", "gpt10m", args.shakespeare_batch, 64, args.train_steps))
-        if on_cuda and not args.no_train:  # GPT-2 124M shapes, forward in bf16 autocast: the GPU rows
-            train_rows += (("gpt2_124m_bf16", "gpt2_124m", args.gpt2_batch, None, args.gpt2_steps, torch.bfloat16),)
+        if on_cuda and not args.no_train:  # GPT-2 124M shapes, forward in bf16 autocast: the GPU rows, first
+            train_rows = (("gpt2_124m_bf16", "gpt2_124m", args.gpt2_batch, None, args.gpt2_steps, torch.bfloat16),
+                          *train_rows)
         report = run_all(models=[m for m in args.models.split(",") if m], only=args.only,
                          steps=args.steps if args.steps is not None else 15, warmup=args.warmup,
                          slow_steps=args.slow_steps, memory_model=args.memory_model or None,
@@ -1913,7 +1928,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          kernel_numel=int(args.kernel_numel), kernel_steps=args.kernel_steps,
                          interval_model=args.interval_model or None, intervals=args.intervals,
                          interval_steps=args.interval_steps, device=args.device, seed=args.seed,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, partial_out=args.out)
         report["argv"] = argv_list
         report["out"] = os.path.relpath(args.out, REPO_ROOT) if args.out.is_absolute() else str(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from optimizers import Family
 from optimizers.compiled import TensorKernel
-from optimizers.functional import displacement
+from optimizers.functional import device_scalar, displacement
 
 __all__ = ["HyperKernels"]
 
@@ -184,7 +184,7 @@ class HyperKernels:
     def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
         """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and
         tensor set, not once per element inside the kernel."""
-        return {uid: v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        return {uid: v if isinstance(v, Tensor) else device_scalar(float(v), t.device)
                 for uid, v in self.family.scalar_values(h, t).items()}
 
     def update(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Optional[Tensor],

@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import (chunk_plan, chunk_spans, default_chunk_numel, flat_buffer, gather, state_slice,
-                                  write_state_)
+from optimizers.functional import (chunk_plan, chunk_spans, default_chunk_numel, device_scalar, flat_buffer, gather,
+                                  state_slice, write_state_)
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -759,8 +759,7 @@ class HyperOptimizer(RuleOptimizer):
         return t.view(-1) if t.is_contiguous() else t
 
     def _scalars(self, values: Mapping[str, object], ref: Tensor) -> Dict[str, Tensor]:
-        return {k: (v.detach().to(ref.device, torch.float64).reshape(()) if isinstance(v, Tensor)
-                    else torch.tensor(float(v), dtype=torch.float64, device=ref.device)) for k, v in values.items()}
+        return {k: device_scalar(v if isinstance(v, Tensor) else float(v), ref.device) for k, v in values.items()}
 
     def _sets_of(self, params: Sequence[Tensor]) -> List[object]:
         """The coefficient set of each parameter: small tensors share a kernel call only within one."""
@@ -785,7 +784,7 @@ class HyperOptimizer(RuleOptimizer):
         """``(h, t, precomputed)`` of a bucket update per coefficient set: the hyperparameters
         ``fixed``, the learned coefficients of that set and the scalars hoisted out of the kernels."""
         fixed = self._scalars(fixed, params[0])
-        t = torch.tensor(t, dtype=torch.float64, device=params[0].device)
+        t = device_scalar(float(t), params[0].device)
         out: Dict[int, Tuple] = {}
         for p in params:
             s = self._param_set[id(p)]

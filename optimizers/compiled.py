@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .functional import device_tensor
 from .prefetch import prefetching
 
 log = logging.getLogger(__name__)
@@ -162,14 +163,14 @@ class BoundKernel:
         self._scalars: Optional[Tuple[Tensor, ...]] = None if numbers else self._values
         if numbers and not tensors:  # the usual case of FusedKernel: one vector, made at once
             groups = [list(range(len(numbers)))]
-            self._stacked = [torch.tensor(numbers, dtype=torch.float64, device=device)]
+            self._stacked = [device_tensor(numbers, torch.float64, device)]
         else:  # a vector per (dtype, device); numbers as float64 tensors on device
             groups = scalar_groups(self._values, device)
             self._stacked = [torch.stack([self._tensor(self._values[i]) for i in g]) for g in groups]
         self._kinds = tuple((v.dtype, v.device, tuple(g)) for v, g in zip(self._stacked, groups))
 
     def _tensor(self, x) -> Tensor:
-        return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64, device=self._device)
+        return x if isinstance(x, Tensor) else device_tensor(float(x), torch.float64, self._device)
 
     @property
     def scalars(self) -> Tuple[Tensor, ...]:

@@ -17,7 +17,7 @@ from .family import Family
 
 __all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL",
            "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_",
-           "state_slice", "flat_buffer", "STAGGER_BYTES"]
+           "state_slice", "flat_buffer", "STAGGER_BYTES", "device_tensor", "device_scalar"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -90,6 +90,33 @@ _PAGE = 4096
 # Buffers below this are placed as they come: they stream from cache, and the page of padding
 # would be a sizeable share of them.
 STAGGER_MIN_BYTES = 1 << 20
+
+
+def device_tensor(values, dtype: torch.dtype, device) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` (``values``: a number, a list of numbers or
+    a tensor) that does not synchronise a GPU with the host. Why: a copy from pageable host memory to
+    a GPU first waits for every kernel queued before it (a stream synchronisation), so the scalars an
+    optimizer step makes (its step count, hyperparameters, bias corrections) would stall the host
+    once each, and the step could not be queued while the backward pass still runs. On CUDA the
+    values are staged in pinned memory and copied asynchronously, in stream order (the caching host
+    allocator keeps the staging buffer until the copy has run). Elsewhere a plain conversion."""
+    device = torch.device(device)
+    if isinstance(values, Tensor):
+        values = values.detach()
+        if device.type != "cuda" or values.device == device:
+            return values.to(device=device, dtype=dtype)
+        if values.device.type == "cpu":
+            values = values.to(dtype).pin_memory()
+        return values.to(device=device, dtype=dtype, non_blocking=True)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def device_scalar(value, device) -> Tensor:
+    """``value`` (a number or a one-element tensor) as a float64 0-D tensor on ``device``: the form in
+    which the fused kernels take their scalars (``device_tensor``: no host synchronisation)."""
+    return device_tensor(value, torch.float64, device).reshape(())
 
 
 def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: int, fill: Optional[float] = None

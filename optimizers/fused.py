@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .compiled import SegmentPlan, TensorKernel
-from .functional import displacement
+from .functional import device_scalar, displacement
 from .family import Family
 
 __all__ = ["FusedKernel"]
@@ -113,9 +113,9 @@ class FusedKernel:
         if pre is not None:
             scalars, t = {k: float(v) for k, v in h.items()}, float(t)
         else:
-            scalars = {k: _scalar(v, ref) for k, v in h.items()}
-            t = torch.tensor(float(t), dtype=torch.float64, device=ref.device)
-            pre = {uid: _scalar(v, ref) for uid, v in self.family.scalar_values(scalars, t).items()}
+            scalars = {k: device_scalar(v, ref.device) for k, v in h.items()}
+            t = device_scalar(float(t), ref.device)
+            pre = {uid: device_scalar(v, ref.device) for uid, v in self.family.scalar_values(scalars, t).items()}
         bufs = [flat[n] for n in self.tensor_names]
         kern = self._kernel(None if dtype in (None, ref.dtype) else dtype, tuple(scalars), tuple(pre))
         before = [flat[n].clone() for n in self.scalar_names]  # every tensor reads them before the step
@@ -143,9 +143,3 @@ class FusedKernel:
                                   self.mode, pre)
             for n in self.scalar_names:
                 flat[n].copy_(new[n])
-
-
-def _scalar(value, ref: Tensor) -> Tensor:
-    if isinstance(value, Tensor):
-        return value.detach().to(device=ref.device, dtype=torch.float64).reshape(())
-    return torch.tensor(float(value), dtype=torch.float64, device=ref.device)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 5's GPU work in one go, for a lent GPU machine whose python3 holds a CUDA build of torch:
+#   1. tests/test_cuda.py: the GPU paths equal the CPU's in float64, and the fused steps queue
+#      without synchronising with the host (CUDA's sync debug mode);
+#   2. the benchmark's GPU rows: the optimizer step table on GPT-2 124M shapes (fused AdamW
+#      baseline), the whole train step in bf16 autocast (tokens/s, peak memory) and the memory table.
+# Each part has its own time limit, and the benchmark writes its report after every phase, so a run
+# cut short keeps what it finished. Results go to $OUT (default runs/gpu).
+#
+#   OUT=runs/gpu HYPERGRAD_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check.sh
+set -u
+OUT=${OUT:-runs/gpu}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
+    | tee "$OUT/nvidia_smi.txt"
+$PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+start=$(date +%s)
+timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+echo "tests: $(( $(date +%s) - start )) s"
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-360}" $PY -m experiments.bench_step --all --device cuda --models gpt2_124m \
+    --memory-model gpt2_124m --tower-model '' --tower-small-model '' --interval-model '' --scaling-sizes '' \
+    --kernel-numel 0 --no-progress --out "$OUT/bench_step_cuda.json" 2>&1 | tee "$OUT/bench_step_cuda.log" \
+    | grep -v "^USDT"
+echo "benchmark: $(( $(date +%s) - start )) s"
