@@ -337,11 +337,11 @@ def _loadavg() -> Optional[List[float]]:
 
 
 def git_commit() -> Optional[str]:
-    """HEAD's commit, with ``-dirty`` when the working tree has changes. Outside git (a copy of the tree
-    sent to a GPU machine, say), the environment's ``HYPERGRAD_GIT_COMMIT`` (the commit the copy was
-    made from, as the caller states it), else None."""
-    if not (REPO_ROOT / ".git").exists():
-        return os.environ.get("HYPERGRAD_GIT_COMMIT")
+    """HEAD's commit, with ``-dirty`` when the working tree has changes; None outside git. The
+    environment's ``HYPERGRAD_GIT_COMMIT``, where set, instead: a copy of the tree sent to a GPU
+    machine carries no reliable ``.git`` (one such copy reported an older HEAD, dirty)."""
+    if os.environ.get("HYPERGRAD_GIT_COMMIT"):
+        return os.environ["HYPERGRAD_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -1391,7 +1391,7 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                         "weight_decay_on": "dim >= 2 (experiments.model.param_groups)",
                         "grad": "fixed N(0, 1e-2), set once (step, memory, scaling, tower tables)", "seed": seed,
                         "steps": steps, "slow_steps": slow_steps, "warmup": warmup,
-                        "train": [list(t) for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
+                        "train": [[str(x) if isinstance(x, torch.dtype) else x for x in t] for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
                         "tower_small_steps": tower_small_steps, "kernel_numel": kernel_numel,
                         "kernel_steps": kernel_steps, "interval_model": interval_model, "intervals": list(intervals),
                         "interval_steps": interval_steps}
