@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,tem
     | tee "$OUT/nvidia_smi.txt"
 $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 echo "tests: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-360}" $PY -m experiments.bench_step --all --device cuda --models gpt2_124m \

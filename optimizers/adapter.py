@@ -37,7 +37,7 @@ from torch import Tensor
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .functional import apply_update, displacement, flat_buffer, flatten, needs_param, unflatten_like
-from .compiled import SegmentPlan
+from .compiled import SegmentPlan, packing
 from .fused import FusedKernel
 from .rules import get_rule
 
@@ -72,13 +72,14 @@ class _Bucket:
         self.dtype = dtype
         self.plans: Dict[object, SegmentPlan] = {}  # the fused kernels' calls, by grouping of the params
 
-    def plan(self, groups: Optional[Sequence[Hashable]] = None) -> SegmentPlan:
+    def plan(self, groups: Optional[Sequence[Hashable]] = None, launches: str = "few") -> SegmentPlan:
         """The ``SegmentPlan`` of the fused kernels over this bucket (``groups``: which tensors may share a
-        packed call, e.g. by coefficient set), kept with the bucket."""
-        key = None if groups is None else tuple(groups)
+        packed call, e.g. by coefficient set; ``launches``: kernels per call, see
+        ``optimizers.compiled.packing``), kept with the bucket."""
+        key = (None if groups is None else tuple(groups), launches)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = SegmentPlan(self.like, groups)
+            plan = self.plans[key] = SegmentPlan(self.like, groups, *packing(self.like[0].device, launches))
         return plan
 
     def tensors(self) -> Tuple[List[Tensor], List[Tensor]]:

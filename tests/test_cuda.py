@@ -33,9 +33,14 @@ def _batches(device, dtype=torch.float64):
     return [tuple(t.to(device) for t in make_batch(dtype, seed=100 + k)) for k in range(STEPS)]
 
 
-def _run(device, make_opt, dtype=torch.float64):
-    """``STEPS`` steps of ``make_opt(params)`` on the conftest model; the parameters and the optimizer."""
+def _run(device, make_opt, dtype=torch.float64, strided=False):
+    """``STEPS`` steps of ``make_opt(params)`` on the conftest model; the parameters and the optimizer.
+    ``strided``: the first weight is a transposed (non-contiguous) tensor, which the fused path runs
+    through Dynamo rather than its direct Inductor compilation."""
     model = make_model(dtype).to(device)
+    if strided:
+        model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
+        assert not model[0].weight.is_contiguous()
     opt = make_opt(model.parameters())
     for x, y in _batches(device, dtype):
         opt.zero_grad()
@@ -55,13 +60,15 @@ TOWERS = {"one level": None, "tower of two": lambda: [H.Level("adam", lr=1e-3, l
 @pytest.mark.parametrize("tower", list(TOWERS))
 def test_hyper_learning_on_the_gpu_equals_the_cpu(fused, tower):
     """MADA learning all six coefficients (and, for the tower, Adam's lr learned by SGD): parameters,
-    coefficients and hypergradients after every step equal the CPU's."""
+    coefficients and hypergradients after the steps equal the CPU's (the tower on a strided weight:
+    the Dynamo route of the fused kernels beside the direct one)."""
     def make(params):
         return H.HyperOptimizer(params, "mada", lr=1e-2, weight_decay=0.1, fused=fused, **MADA_INTERIOR,
                                 tower=None if TOWERS[tower] is None else TOWERS[tower]())
 
-    cpu_params, cpu_opt = _run("cpu", make)
-    gpu_params, gpu_opt = _run(DEVICE, make)
+    strided = TOWERS[tower] is not None
+    cpu_params, cpu_opt = _run("cpu", make, strided=strided)
+    gpu_params, gpu_opt = _run(DEVICE, make, strided=strided)
     for k, (a, b) in enumerate(zip(cpu_params, gpu_params)):
         _close(a, b, f"parameter {k}")
     for k, (a, b) in enumerate(zip(cpu_opt._q, gpu_opt._q)):
@@ -87,8 +94,8 @@ def test_every_rule_fused_on_the_gpu_equals_the_cpu(name):
         return lambda params: O.RuleOptimizer(params, O.get_rule(name), lr=1e-2, weight_decay=0.1, fused=fused,
                                               **_rule_kwargs(name))
 
-    cpu_params, cpu_opt = _run("cpu", make(False))
-    gpu_params, gpu_opt = _run(DEVICE, make(True))
+    cpu_params, cpu_opt = _run("cpu", make(False), strided=True)
+    gpu_params, gpu_opt = _run(DEVICE, make(True), strided=True)
     for k, (a, b) in enumerate(zip(cpu_params, gpu_params)):
         _close(a, b, f"{name}: parameter {k}")
     for k, (sa, sb) in enumerate(zip(cpu_opt.state.values(), gpu_opt.state.values())):
