@@ -768,7 +768,7 @@ class HyperOptimizer(RuleOptimizer):
     def _plan(self, params: Sequence[Tensor]) -> SegmentPlan:
         """The kernel calls of one bucket (``optimizers.compiled.SegmentPlan``), kept with the bucket
         (``_adopt_records`` has made it)."""
-        return self._bucket(params).plan(self._sets_of(params), launches="many")
+        return self._bucket(params).plan(self._sets_of(params))
 
     def _adopt_records(self):
         """On the fused path a recorded bucket's buffers *are* its record's state (the state before

@@ -37,7 +37,7 @@ from torch import Tensor
 from . import dtensor
 from .family import WEIGHT_DECAY_MODES, Family
 from .functional import apply_update, displacement, flat_buffer, flatten, needs_param, unflatten_like
-from .compiled import SegmentPlan, packing
+from .compiled import SegmentPlan
 from .fused import FusedKernel
 from .rules import get_rule
 
@@ -72,14 +72,13 @@ class _Bucket:
         self.dtype = dtype
         self.plans: Dict[object, SegmentPlan] = {}  # the fused kernels' calls, by grouping of the params
 
-    def plan(self, groups: Optional[Sequence[Hashable]] = None, launches: str = "few") -> SegmentPlan:
+    def plan(self, groups: Optional[Sequence[Hashable]] = None) -> SegmentPlan:
         """The ``SegmentPlan`` of the fused kernels over this bucket (``groups``: which tensors may share a
-        packed call, e.g. by coefficient set; ``launches``: kernels per call, see
-        ``optimizers.compiled.packing``), kept with the bucket."""
-        key = (None if groups is None else tuple(groups), launches)
+        packed call, e.g. by coefficient set), kept with the bucket."""
+        key = None if groups is None else tuple(groups)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = SegmentPlan(self.like, groups, *packing(self.like[0].device, launches))
+            plan = self.plans[key] = SegmentPlan(self.like, groups)
         return plan
 
     def tensors(self) -> Tuple[List[Tensor], List[Tensor]]:

@@ -40,7 +40,7 @@ from .prefetch import prefetching
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TensorKernel", "BoundKernel", "segments", "SegmentPlan", "cat_flat", "SMALL_TENSOR", "packing"]
+__all__ = ["TensorKernel", "BoundKernel", "segments", "SegmentPlan", "cat_flat", "SMALL_TENSOR"]
 
 
 class TensorKernel:
@@ -65,9 +65,9 @@ class TensorKernel:
       is evaluated once per argument layout (dtypes, shapes, strides, storage offsets, devices);
       a layout that fails them gets a compilation of its own. On an H100 (GPT-2 124M shapes,
       ``experiments/gpu_diag.py``) this route took the fused MADA step from 11.1 to 3.7 ms and the
-      hyper-learning step from 66 to 32 ms: Dynamo's call overhead dominated, and its compilation,
-      sized for the first (small) tensor it saw, left the hypergradient's reductions unsplit (one
-      thread block streaming a 38M-element tensor: 34 ms of the 66).
+      hyper-learning step from 66 to 32 ms: Dynamo's call overhead dominated the fused step, and
+      the hypergradient's reduction kernel took 34 ms of the 66 through Dynamo against 2.3 ms here
+      (likely its split was sized for the first, small, tensor it compiled for).
     * ``"dynamo"``: ``torch.compile(graph, dynamic=True, fullgraph=True)`` (strided arguments, other
       devices, and the fallback, with a logged warning, if the direct compilation fails).
     """
@@ -368,33 +368,19 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
 # packed with its neighbours (copied to a flat tensor and back) than given a call of its own.
 # LayerNorm weights and biases are all below it. (Measured on the demo GPT, all of whose tensors
 # are below 2^17: packing them stayed faster than one call per tensor above 2^13 or 2^15.)
+# The same on a GPU: packing more for the hyper-learning step there (tensors below 2^22, in runs of
+# up to 2^25 elements) made its step on GPT-2 124M shapes 23x slower on an H100 (752 ms against
+# 32; cause not found before the GPU went back). On a CPU one packed run of a whole 10.7M-parameter
+# bucket took the hyper step from 31 to 56 ms (its packed run is concatenated ~8 times a step).
 SMALL_TENSOR = 1 << 17
 
 
-def packing(device: torch.device, launches: str = "few") -> Tuple[int, Optional[int]]:
-    """``(small, max_run)`` for ``segments`` on ``device``: tensors below ``small`` elements are
-    packed, in runs of at most ``max_run`` elements (None: no limit). ``launches``: ``"few"`` for a
-    call of one or two kernels (a rule's update), ``"many"`` for the hyper-learning step's (its vjp's
-    split reductions launch ~16 kernels a call on a GPU).
-
-    CPU: ``SMALL_TENSOR`` for both. CUDA: a kernel launch costs ~20-40 us of host time (the compiled
-    wrapper, Triton's launcher) whatever its size, about what an H100 takes to stream MADA's 15
-    buffers over 2^20 elements; so tensors below 2^20 are packed there, and below 2^22 for the
-    hyper-learning step, in runs of at most 2^25 elements (a packed run's parameters and gradients
-    are copied into temporaries of its size)."""
-    if torch.device(device).type != "cuda":
-        return SMALL_TENSOR, None
-    if launches not in ("few", "many"):
-        raise ValueError(f"launches must be 'few' or 'many', got {launches!r}")
-    return (1 << 20, None) if launches == "few" else (1 << 22, 1 << 25)
-
-
 def segments(tensors: Sequence[Tensor], groups: Optional[Sequence[Hashable]] = None,
-             small: int = SMALL_TENSOR, max_run: Optional[int] = None) -> List[Tuple[int, int, List[int]]]:
+             small: int = SMALL_TENSOR) -> List[Tuple[int, int, List[int]]]:
     """The kernel calls over ``tensors`` laid out back to back in flat buffers, as
     ``(offset, numel, indices)``: a run of consecutive contiguous tensors below ``small`` elements
-    and of the same group (``groups[i]``: e.g. their coefficient set), of at most ``max_run``
-    elements in all (None: no limit), is one call; any other tensor has its own."""
+    and of the same group (``groups[i]``: e.g. their coefficient set) is one call; any other tensor
+    has its own."""
     if groups is not None and len(groups) != len(tensors):
         raise ValueError(f"groups has {len(groups)} entries for {len(tensors)} tensors")
     out: List[Tuple[int, int, List[int]]] = []
@@ -402,8 +388,7 @@ def segments(tensors: Sequence[Tensor], groups: Optional[Sequence[Hashable]] = N
     for i, t in enumerate(tensors):
         n, group = t.numel(), (None if groups is None else groups[i])
         packable = n < small and t.is_contiguous()
-        if (packable and packable_run and out and group == run_group
-                and (max_run is None or out[-1][1] + n <= max_run)):
+        if packable and packable_run and out and group == run_group:
             start, total, idxs = out[-1]
             out[-1] = (start, total + n, idxs + [i])
         else:
@@ -450,8 +435,8 @@ class SegmentPlan:
     MAX_BUFFERS = 64
 
     def __init__(self, params: Sequence[Tensor], groups: Optional[Sequence[Hashable]] = None,
-                 small: int = SMALL_TENSOR, max_run: Optional[int] = None):
-        self._groups, self._small, self._max_run = groups, small, max_run
+                 small: int = SMALL_TENSOR):
+        self._groups, self._small = groups, small
         self._make(params)
 
     @staticmethod
@@ -459,7 +444,7 @@ class SegmentPlan:
         return tuple(None if p.is_contiguous() else p.shape for p in params)
 
     def _make(self, params: Sequence[Tensor]) -> None:
-        self.segments = segments(params, self._groups, self._small, self._max_run)
+        self.segments = segments(params, self._groups, self._small)
         self._params_layout = self._layout(params)
         # a strided parameter runs in its own shape (its buffers' slices viewed so); others flat
         self._shapes = [None if len(idxs) > 1 else self._params_layout[idxs[0]] for _, _, idxs in self.segments]

@@ -817,18 +817,3 @@ def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
     again.load_state_dict(opt.state_dict())
     train(again, 2)  # the loaded records' buffers became the buckets' ones
     assert len(set(offsets(again))) == len(O.get_rule("mada").state_names) + 2
-
-
-def test_segments_pack_small_tensors_in_runs_of_at_most_max_run():
-    """``segments``: consecutive contiguous tensors below ``small`` share a call, within a group and up
-    to ``max_run`` elements; ``packing`` gives the CPU's limits on a CPU and refuses unknown kinds."""
-    from optimizers.compiled import SMALL_TENSOR, packing, segments
-
-    ts = [torch.zeros(n) for n in (3, 4, 5, 100, 2, 2)]
-    assert segments(ts, small=10) == [(0, 12, [0, 1, 2]), (12, 100, [3]), (112, 4, [4, 5])]
-    assert segments(ts, small=10, max_run=8) == [(0, 7, [0, 1]), (7, 5, [2]), (12, 100, [3]), (112, 4, [4, 5])]
-    assert segments(ts, groups=[0, 0, 1, 1, 1, 1], small=10) == [(0, 7, [0, 1]), (7, 5, [2]), (12, 100, [3]),
-                                                                  (112, 4, [4, 5])]
-    assert packing(torch.device("cpu"), "many") == (SMALL_TENSOR, None)
-    with pytest.raises(ValueError, match="launches"):
-        packing(torch.device("cuda"), "several")
