@@ -1440,9 +1440,147 @@ def _findings(report: dict) -> List[str]:
     return out
 
 
-def write_doc(report: dict, path: Path) -> str:
+def _step_rows(w, model: str, tab: dict, level: str = "###") -> None:
+    """One optimizer-step table of the page (with the bytes-moved floor)."""
+    w(f"{level} {model}: {tab['n_params'] / 1e6:.2f}M parameters in {tab['param_tensors']} tensors")
+    w("")
+    w("| optimizer | path | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency "
+      "| GB/s | rounds | faults/step |")
+    w("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for n, r in tab["results"].items():
+        pr = r["paired_ratio_to_fused"]
+        w(f"| {n} | {_path(n)} | {r['median_ms']:.1f} | {r['ratio_to_fused']:.2f} | {pr['median']:.2f} "
+          f"({pr['p25']:.2f}-{pr['p75']:.2f}) | {_f(r.get('floor_bytes'), '{:.0f}')} | {_f(r.get('floor_ratio'))} "
+          f"| {_f(r.get('floor_efficiency'))} | {_f(r.get('achieved_gb_s'), '{:.1f}')} | {r['n']} "
+          f"| {_f(r.get('minor_faults_per_step'), '{:.0f}')} |")
+    w("")
+
+
+def _memory_rows(w, mem: dict) -> None:
+    """The measured-buffers table of the page."""
+    w("| optimizer | path | analytic | formula | kept | reachable | peak | peak / analytic | peak vs fused AdamW "
+      "| step transient | alloc/step |")
+    w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r in mem["results"].items():
+        w(f"| {n} | {_path(n)} | {_f(r.get('analytic_buffers'))} | {r.get('analytic_formula', '-')} "
+          f"| {r['measured_buffers']:.2f} | {r['reachable_buffers']:.2f} | {r['peak_buffers']:.2f} "
+          f"| {_f(r.get('peak_over_prediction'))} | {_f(r.get('peak_vs_fused_adamw'))} "
+          f"| {r['step_transient_buffers']:.2f} | {r['step_alloc_buffers']:.2f} |")
+    w("")
+
+
+def _train_rows(w, label: str, tab: dict, device: str, level: str = "###") -> None:
+    """One whole-train-step table of the page."""
+    w(f"{level} {label}: {tab['model']} ({tab['n_params'] / 1e6:.2f}M parameters, {tab['n_layer']} layers, "
+      f"{tab['n_embd']} wide, block {tab['block_size']}, batch {tab['batch']}, dropout {tab['dropout']}), "
+      f"{tab['steps']} timed rounds, device {tab.get('device', device)}"
+      + (f", forward in {tab['autocast']} autocast" if tab.get("autocast") else ""))
+    w("")
+    peak = any("step_peak_mb" in r for r in tab["results"].values())
+    head = ("| optimizer | train step ms | fwd+bwd ms | opt step ms | x fused AdamW | paired x (p25-p75) "
+            "| tokens/s | state MB |" + (" step peak MB |" if peak else ""))
+    sep = "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if peak else "")
+    if tab.get("project_batch") and tab["project_batch"] != tab["batch"]:
+        head += f" projected x at batch {tab['project_batch']} |"
+        sep += "---:|"
+    w(head)
+    w(sep)
+    for n, r in tab["results"].items():
+        pr = r["paired_ratio_to_fused"]
+        line = (f"| {n} | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['opt_step_ms']:.1f} "
+                f"| {r['ratio_to_fused']:.3f} | {pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f}) "
+                f"| {_f(r.get('tokens_per_s'), '{:.0f}')} | {_f(r.get('optimizer_state_mb'), '{:.1f}')} |"
+                + (f" {_f(r.get('step_peak_mb'), '{:.1f}')} |" if peak else ""))
+        if "projected_ratio" in r:
+            line += f" {r['projected_ratio']:.3f} |"
+        w(line)
+    w("")
+
+
+def _gpu_section(w, gpu: dict, diag: Optional[dict], page_commit: Optional[str]) -> None:
+    """The page's GPU rows: an ``--all`` report measured on a CUDA device (``experiments/gpu_check.sh``)
+    and, if given, ``experiments/gpu_diag.py``'s comparison of the ways of compiling the kernels."""
+    m, cfg = gpu["machine"], gpu["config"]
+    w(f"## GPU rows: GPT-2 124M shapes on {m.get('gpu')}")
+    w("")
+    w("Measured on a lent GPU machine by `bash experiments/gpu_check.sh`, i.e. `python -m experiments.bench_step "
+      + " ".join(gpu.get("argv", [])) + "`; the JSON is committed beside this page. float32 parameters, "
+      "gradients and optimizer state; the GPT-2 train step runs its forward in bf16 autocast. The issue's "
+      "targets are set for the CPU: the verdicts below only place the GPU numbers against them.")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    for k, v in (("date", gpu.get("date")), ("git commit", f"`{gpu.get('git_commit')}`"), ("torch", gpu["torch"]),
+                 ("python", m.get("python")), ("device", f"{cfg['device']} ({m.get('gpu')})"),
+                 ("host CPU", f"{m.get('cpu_model')} ({m.get('cpu_count')} logical cores)"),
+                 ("total run time", f"{gpu['seconds']:.0f} s")):
+        w(f"| {k} | {v} |")
+    w("")
+    if page_commit and gpu.get("git_commit") and gpu["git_commit"].split("-")[0] != page_commit.split("-")[0]:
+        w(f"**Not this page's commit.** These rows were measured at `{gpu['git_commit'][:12]}`, the CPU rows above "
+          f"at `{page_commit[:12]}`: what runs on the GPU may have changed in between (`git log "
+          f"{gpu['git_commit'][:12]}..{page_commit[:12]}`). Rerun `experiments/gpu_check.sh` on a GPU to bring "
+          "them up to date.")
+        w("")
+    w("| target | measured on the GPU | against the CPU target | note |")
+    w("|---|---|---|---|")
+    for v in gpu.get("verdicts", []):
+        verdict = "report" if v["met"] is None else ("within" if v["met"] else "over")
+        w(f"| {v['target']} | {v['measured']} | {verdict} | {v['note']} |")
+    w("")
+    w("### Optimizer step")
+    w("")
+    w("As in (a): fixed gradients, candidates interleaved, device synchronised around each step. *floor x* is "
+      "the bytes-moved floor of (c); *GB/s* the floor's bytes over the median time (an H100's HBM3 moves "
+      "about 3 TB/s).")
+    w("")
+    for model, tab in gpu["step"].items():
+        _step_rows(w, model, tab, level="####")
+    if gpu.get("train"):
+        w("### Whole train step")
+        w("")
+        w("As in (d); *step peak MB*: the allocator's peak during the candidate's last train step above what was "
+          "allocated before it.")
+        w("")
+        for label, tab in gpu["train"].items():
+            _train_rows(w, label, tab, cfg["device"], level="####")
+    if gpu.get("memory"):
+        mem = gpu["memory"]
+        w(f"### Buffers and peak memory ({mem['model']}, {mem['method']})")
+        w("")
+        _memory_rows(w, mem)
+    if diag:
+        w("### How the kernels are compiled on the GPU (`experiments/gpu_diag.py`)")
+        w("")
+        w(f"{diag.get('model')} shapes on {diag.get('gpu')}, torch {diag.get('torch')}, commit "
+          f"`{diag.get('git_commit') or 'not recorded in its JSON'}`. Each variant builds fresh optimizers (fresh "
+          "kernels) and times the step alone (median of 10, device synchronised); the kernels' times are "
+          "torch.profiler's over two more steps. "
+          "*dynamic*: Dynamo with dynamic shapes, the GPU's route before the direct one; *static*: Dynamo with "
+          "one compilation per tensor size; *direct*: `TensorKernel`'s direct Inductor route (the CPU's), the "
+          "route fused kernels on contiguous CUDA tensors take since.")
+        w("")
+        w("| variant | optimizer | median ms | warm-up s | its longest kernels: ms per step (launches per step) |")
+        w("|---|---|---:|---:|---|")
+        for v, res in diag["variants"].items():
+            for n, r in res.items():
+                if "error" in r:
+                    w(f"| {v} | {n} | failed: {r['error'][:120]} | | |")
+                    continue
+                kernels, seen = [], set()
+                for name, count, ms in r["top_kernels"]:  # device kernels only (not ops or annotations), once each
+                    if name.startswith(("Optimizer.step", "aten::", "cuda")) or name in seen:
+                        continue
+                    seen.add(name)
+                    kernels.append(f"`{name[:48]}`: {ms:.2f} ({count // 2})")
+                w(f"| {v} | {n} | {r['median_ms']:.2f} | {r['warmup_s']:.0f} | {'; '.join(kernels[:3])} |")
+        w("")
+
+
+def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Optional[dict] = None) -> str:
     """Generate ``docs/performance.md`` from an ``--all`` report; returns the text. Every number comes from
-    ``report``; the prose around the tables is fixed."""
+    ``report`` (and from ``gpu``, an ``--all`` report measured on a CUDA device, and ``gpu_diag``,
+    ``experiments/gpu_diag.py``'s JSON: the page's GPU rows); the prose around the tables is fixed."""
     m = report["machine"]
     cfg = report["config"]
     L: List[str] = []
@@ -1529,18 +1667,7 @@ def write_doc(report: dict, path: Path) -> str:
       "rounds (*rounds*), each group with its own fused AdamW; their ratios are to that group's fused AdamW.")
     w("")
     for model, tab in report["step"].items():
-        w(f"### {model}: {tab['n_params'] / 1e6:.2f}M parameters in {tab['param_tensors']} tensors")
-        w("")
-        w("| optimizer | path | median ms | x fused AdamW | paired x (p25-p75) | floor B/p | floor x | efficiency "
-          "| GB/s | rounds | faults/step |")
-        w("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-        for n, r in tab["results"].items():
-            pr = r["paired_ratio_to_fused"]
-            w(f"| {n} | {_path(n)} | {r['median_ms']:.1f} | {r['ratio_to_fused']:.2f} | {pr['median']:.2f} "
-              f"({pr['p25']:.2f}-{pr['p75']:.2f}) | {_f(r.get('floor_bytes'), '{:.0f}')} | {_f(r.get('floor_ratio'))} "
-              f"| {_f(r.get('floor_efficiency'))} | {_f(r.get('achieved_gb_s'), '{:.1f}')} | {r['n']} "
-              f"| {_f(r.get('minor_faults_per_step'), '{:.0f}')} |")
-        w("")
+        _step_rows(w, model, tab)
 
     findings = _findings(report)
     if findings:
@@ -1578,15 +1705,7 @@ def write_doc(report: dict, path: Path) -> str:
           "allocated temporary is written and read at least once). *peak / analytic* compares the measured peak "
           f"with the buffer count's prediction (target <= {TARGET_PEAK}).")
         w("")
-        w("| optimizer | path | analytic | formula | kept | reachable | peak | peak / analytic | peak vs fused AdamW "
-          "| step transient | alloc/step |")
-        w("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-        for n, r in mem["results"].items():
-            w(f"| {n} | {_path(n)} | {_f(r.get('analytic_buffers'))} | {r.get('analytic_formula', '-')} "
-              f"| {r['measured_buffers']:.2f} | {r['reachable_buffers']:.2f} | {r['peak_buffers']:.2f} "
-              f"| {_f(r.get('peak_over_prediction'))} | {_f(r.get('peak_vs_fused_adamw'))} "
-              f"| {r['step_transient_buffers']:.2f} | {r['step_alloc_buffers']:.2f} |")
-        w("")
+        _memory_rows(w, mem)
         w("Count per rule (analytic, parameter-sized buffers):")
         w("")
         w("| rule | S (rule alone) | hyper-learning, fused path (S+2) | hyper-learning, eager path |")
@@ -1614,33 +1733,11 @@ def write_doc(report: dict, path: Path) -> str:
         if not any(tab.get("model") == "gpt2_124m" for tab in report["train"].values()):
             w("No CUDA device in this run: the GPT-2 124M rows (forward in bf16 autocast, fused AdamW baseline, "
               "tokens/s and peak memory) are measured only when `--all` runs on a GPU (`--device cuda`, "
-              "`--gpt2-batch`, `--gpt2-steps`); the same script runs there unchanged.")
+              "`--gpt2-batch`, `--gpt2-steps`; `experiments/gpu_check.sh`); the same script runs there unchanged."
+              + (" Such a run's rows are in *GPU rows* at the end of this page." if gpu else ""))
             w("")
         for label, tab in report["train"].items():
-            w(f"### {label}: {tab['model']} ({tab['n_params'] / 1e6:.2f}M parameters, {tab['n_layer']} layers, "
-              f"{tab['n_embd']} wide, block {tab['block_size']}, batch {tab['batch']}, dropout {tab['dropout']}), "
-              f"{tab['steps']} timed rounds, device {tab.get('device', report['config']['device'])}"
-              + (f", forward in {tab['autocast']} autocast" if tab.get("autocast") else ""))
-            w("")
-            peak = any("step_peak_mb" in r for r in tab["results"].values())
-            head = ("| optimizer | train step ms | fwd+bwd ms | opt step ms | x fused AdamW | paired x (p25-p75) "
-                    "| tokens/s | state MB |" + (" step peak MB |" if peak else ""))
-            sep = "|---|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if peak else "")
-            if tab.get("project_batch") and tab["project_batch"] != tab["batch"]:
-                head += f" projected x at batch {tab['project_batch']} |"
-                sep += "---:|"
-            w(head)
-            w(sep)
-            for n, r in tab["results"].items():
-                pr = r["paired_ratio_to_fused"]
-                line = (f"| {n} | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['opt_step_ms']:.1f} "
-                        f"| {r['ratio_to_fused']:.3f} | {pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f}) "
-                        f"| {_f(r.get('tokens_per_s'), '{:.0f}')} | {_f(r.get('optimizer_state_mb'), '{:.1f}')} |"
-                        + (f" {_f(r.get('step_peak_mb'), '{:.1f}')} |" if peak else ""))
-                if "projected_ratio" in r:
-                    line += f" {r['projected_ratio']:.3f} |"
-                w(line)
-            w("")
+            _train_rows(w, label, tab, report["config"]["device"])
 
     # (e) scaling
     sc = report.get("scaling")
@@ -1826,6 +1923,9 @@ def write_doc(report: dict, path: Path) -> str:
               f"| {_f(learn)} | {_f(kr.get('plain'))} |")
         w("")
 
+    if gpu:
+        _gpu_section(w, gpu, gpu_diag, report.get("git_commit"))
+
     w("## Phases")
     w("")
     w("| phase | seconds | load before | load after |")
@@ -1872,6 +1972,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a = p.add_argument_group("--all: the whole performance report of issue #5")
     a.add_argument("--all", action="store_true", help="run (a)-(f) and write one report (see module docstring)")
     a.add_argument("--doc", type=Path, default=None, help="with --all: also write the markdown page here")
+    a.add_argument("--gpu-report", type=Path, default=None,
+                   help="with --doc: the page's GPU rows from this --all report measured on CUDA "
+                        "(experiments/gpu_check.sh writes one)")
+    a.add_argument("--gpu-diag", type=Path, default=None,
+                   help="with --doc: also the table of experiments/gpu_diag.py's JSON")
+    a.add_argument("--render", type=Path, default=None, metavar="REPORT",
+                   help="measure nothing: write --doc from this --all report (and --gpu-report, --gpu-diag)")
     a.add_argument("--models", default="gpt10m,mlp10m", help="models of the step table; default gpt10m,mlp10m")
     a.add_argument("--memory-model", default="gpt10m", help="model of the memory table ('' to skip)")
     a.add_argument("--train-steps", type=int, default=5, help="timed rounds of the Shakespeare-config train step; "
@@ -1909,6 +2016,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    gpu = json.loads(args.gpu_report.read_text()) if args.gpu_report else None
+    gpu_diag = json.loads(args.gpu_diag.read_text()) if args.gpu_diag else None
+    if (gpu or gpu_diag) and not args.doc:
+        raise SystemExit("--gpu-report and --gpu-diag go with --doc (they add rows to the page)")
+    if args.render:
+        if not args.doc:
+            raise SystemExit("--render writes the page: give --doc PATH")
+        report = json.loads(args.render.read_text())
+        if report.get("kind") != "all":
+            raise SystemExit(f"--render needs an --all report; {args.render} is not one")
+        write_doc(report, args.doc, gpu, gpu_diag)
+        print(f"wrote {args.doc} from {args.render}")
+        return report
     if args.all:
         argv_list = list(sys.argv[1:] if argv is None else argv)
         on_cuda = (torch.device(args.device) if args.device else default_device()).type == "cuda"
@@ -1938,7 +2058,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             verdict = "report" if v["met"] is None else ("met" if v["met"] else "NOT MET")
             print(f"[{verdict}] {v['target']}: {v['measured']}" + (f" ({v['note']})" if v["note"] else ""))
         if args.doc:
-            write_doc(report, args.doc)
+            write_doc(report, args.doc, gpu, gpu_diag)
             print(f"\nwrote {args.doc}")
         print(f"wrote {args.out}")
         return report

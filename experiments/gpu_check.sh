@@ -8,6 +8,12 @@
 # cut short keeps what it finished. Results go to $OUT (default runs/gpu).
 #
 #   OUT=runs/gpu HYPERGRAD_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check.sh
+#
+# Then, where the page is made: copy $OUT/bench_step_cuda.json to docs/gpu/bench_step_cuda_h100.json
+# (or a file named for the card) and rerun the CPU report with --gpu-report pointing at it (or
+# re-render the page from the last CPU report without measuring:
+#   python -m experiments.bench_step --render runs/bench_step.json --doc docs/performance.md \
+#       --gpu-report docs/gpu/bench_step_cuda_h100.json --gpu-diag docs/gpu/gpu_diag_h100.json).
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 import hypergrad
 import optimizers
 import optimizers.compiled as compiled
-from experiments.bench_step import FUSED, GradientSets, LR, WEIGHT_DECAY, make_model, param_groups
+from experiments.bench_step import FUSED, GradientSets, LR, WEIGHT_DECAY, git_commit, make_model, param_groups
 
 CANDIDATES = {
     FUSED: lambda groups: torch.optim.AdamW(groups, lr=LR, fused=True),
@@ -75,7 +76,8 @@ def main():
     torch.manual_seed(0)
     model = make_model(args.model, device=dev)
     grads = GradientSets(model, 0)
-    report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else None, "model": args.model, "variants": {}}
+    report = {"git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+              "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else None, "model": args.model, "variants": {}}
     for v in args.variants.split(","):
         undo = variant(v)
         res = report["variants"][v] = {}
