@@ -312,3 +312,32 @@ def test_bench_all_cli_writes_json_and_doc(tmp_path):
     report = json.loads(out.read_text())
     assert report["kind"] == "all" and "--all" in report["argv"] and report["config"]["device"] == "cpu"
     assert "## Verdicts" in doc.read_text() and "tiny" in report["step"]
+
+
+def test_bench_step_all_reports_each_phase_and_renders_the_gpu_rows(tmp_path):
+    """``run_all`` writes its report after every phase (``complete`` false until the end); the final report
+    (an autocast dtype in its train rows included) is JSON; the page renders the committed GPU reports
+    as its *GPU rows*, and ``--render`` writes the same page from the JSON without measuring."""
+    from pathlib import Path
+
+    partial = tmp_path / "partial.json"
+    report = bench_step.run_all(models=["tiny"], only=["mada_fused"], steps=2, warmup=1, slow_steps=1,
+                                memory_model=None, train=(("tiny_bf16", "tiny", 2, None, 1, torch.bfloat16),),
+                                scaling_sizes=(), tower_model=None, tower_small_model=None, kernel_numel=0,
+                                interval_model=None, device=torch.device("cpu"), progress=False, partial_out=partial)
+    written = json.loads(partial.read_text())
+    assert written["complete"] is False and set(written["phases"]) == {"step tiny", "train tiny_bf16"}
+    assert report["complete"] is True and report["train"]["tiny_bf16"]["autocast"] == "torch.bfloat16"
+    full = tmp_path / "all.json"
+    full.write_text(json.dumps(report))
+    gpu_dir = Path(bench_step.REPO_ROOT) / "docs" / "gpu"
+    gpu, diag = gpu_dir / "bench_step_cuda_h100.json", gpu_dir / "gpu_diag_h100.json"
+    page = bench_step.write_doc(report, tmp_path / "page.md", json.loads(gpu.read_text()), json.loads(diag.read_text()))
+    assert "## GPU rows: GPT-2 124M shapes on NVIDIA H100 80GB HBM3" in page
+    assert "#### gpt2_124m_bf16: gpt2_124m (124.37M parameters" in page and "Not this page's commit" in page
+    assert "| direct | mada_hyper_fused | 31.96 |" in page
+    bench_step.main(["--render", str(full), "--doc", str(tmp_path / "rendered.md"), "--gpu-report", str(gpu),
+                     "--gpu-diag", str(diag)])
+    assert (tmp_path / "rendered.md").read_text() == page
+    with pytest.raises(SystemExit, match="--doc"):
+        bench_step.main(["--render", str(full), "--gpu-report", str(gpu)])

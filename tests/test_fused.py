@@ -817,3 +817,15 @@ def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
     again.load_state_dict(opt.state_dict())
     train(again, 2)  # the loaded records' buffers became the buckets' ones
     assert len(set(offsets(again))) == len(O.get_rule("mada").state_names) + 2
+
+
+def test_device_tensor_converts_numbers_lists_and_tensors():
+    """The scalars of a fused step (``device_tensor``, ``device_scalar``): the values asked for, as float64
+    0-D tensors detached from any graph. (On CUDA they are staged through pinned memory: tests/test_cuda.py
+    checks that the step then never waits for the device.)"""
+    from optimizers.functional import device_scalar, device_tensor
+
+    assert torch.equal(device_tensor([1.5, 2], torch.float64, "cpu"), torch.tensor([1.5, 2.0], dtype=torch.float64))
+    s = device_scalar(torch.tensor(3.0, requires_grad=True), torch.device("cpu"))
+    assert s.dtype == torch.float64 and s.shape == () and not s.requires_grad and s.item() == 3.0
+    assert device_scalar(torch.tensor([2.5]), "cpu").shape == () and device_scalar(7, "cpu").item() == 7.0

@@ -198,8 +198,10 @@ def build_model(cfg: GPT2Config) -> GPT:
 
 
 def make_optimizer(cfg: GPT2Config, groups: List[dict], device: torch.device) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over ``groups``: torch AdamW (fused on CUDA), MADA / HyperAdam, or a fixed rule."""
+    """``cfg.optimizer`` over ``groups``: torch AdamW (fused on CUDA), MADA / HyperAdam, or a fixed rule (ours
+    through the fused kernels where ``cfg.fused_optimizer`` says, by default on CUDA)."""
     name, coefs = cfg.optimizer, parse_coefs(cfg.coefs)
+    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device.type == "cuda"
     betas = {"beta1": cfg.beta1, "beta2": cfg.beta2}
     if name == "adamw":
         if set(coefs) - {"eps"}:
@@ -209,12 +211,12 @@ def make_optimizer(cfg: GPT2Config, groups: List[dict], device: torch.device) ->
     if name in ("mada", "hyperadam"):
         cls = hypergrad.MADA if name == "mada" else hypergrad.HyperAdam
         return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, tower=hypergrad.Level("adam", lr=cfg.hyper_lr),
-                   **{**betas, **coefs})
+                   fused=fused, **{**betas, **coefs})
     if name not in optimizers.RULES:
         raise ConfigError(f"optimizer={name!r}: unknown; allowed: adamw, mada, hyperadam, "
                           f"{', '.join(optimizers.RULES)}")
     kwargs = {**(betas if name in ADAM_CONVENTION else {}), **coefs}
-    return optimizers.build_optimizer(name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+    return optimizers.build_optimizer(name, groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, **kwargs)
 
 
 def lr_at(cfg: GPT2Config, it: int) -> float:
