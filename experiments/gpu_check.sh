@@ -13,7 +13,9 @@
 # (or a file named for the card) and rerun the CPU report with --gpu-report pointing at it (or
 # re-render the page from the last CPU report without measuring:
 #   python -m experiments.bench_step --render runs/bench_step.json --doc docs/performance.md \
-#       --gpu-report docs/gpu/bench_step_cuda_h100.json --gpu-diag docs/gpu/gpu_diag_h100.json).
+#       --gpu-report docs/gpu/bench_step_cuda_h100.json --gpu-diag docs/gpu/gpu_diag_h100.json \
+#       --gpu-note "$(cat docs/gpu/NOTE.txt)"
+#   where the note says what changed on the GPU paths since those rows ran; drop it after a rerun).
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}

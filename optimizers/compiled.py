@@ -368,9 +368,9 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
 # packed with its neighbours (copied to a flat tensor and back) than given a call of its own.
 # LayerNorm weights and biases are all below it. (Measured on the demo GPT, all of whose tensors
 # are below 2^17: packing them stayed faster than one call per tensor above 2^13 or 2^15.)
-# The same on a GPU: packing more for the hyper-learning step there (tensors below 2^22, in runs of
-# up to 2^25 elements) made its step on GPT-2 124M shapes 23x slower on an H100 (752 ms against
-# 32; cause not found before the GPU went back). On a CPU one packed run of a whole 10.7M-parameter
+# A GPU uses the same limit: packing more for the hyper-learning step there (tensors below 2^22, in
+# runs of up to 2^25 elements) made its step on GPT-2 124M shapes 23x slower on an H100 (752 ms
+# against 32; cause not found before the GPU went back). On a CPU one packed run of a whole 10.7M-parameter
 # bucket took the hyper step from 31 to 56 ms (its packed run is concatenated ~8 times a step).
 SMALL_TENSOR = 1 << 17
 

@@ -338,6 +338,13 @@ def test_bench_step_all_reports_each_phase_and_renders_the_gpu_rows(tmp_path):
     assert "| direct | mada_hyper_fused | 31.96 |" in page
     bench_step.main(["--render", str(full), "--doc", str(tmp_path / "rendered.md"), "--gpu-report", str(gpu),
                      "--gpu-diag", str(diag)])
-    assert (tmp_path / "rendered.md").read_text() == page
+    rendered = (tmp_path / "rendered.md").read_text()
+    assert rendered.replace(" This page was rendered from that JSON by `python -m experiments.bench_step --render "
+                            f"{full} --doc {tmp_path / 'rendered.md'} --gpu-report {gpu} --gpu-diag {diag}`.",
+                            "") == page
+    bench_step.main(["--render", str(full), "--doc", str(tmp_path / "noted.md"), "--gpu-report", str(gpu),
+                     "--gpu-note", "packing changed since"])
+    noted = (tmp_path / "noted.md").read_text()
+    assert noted.count("packing changed since") == 1 and "**Note on these rows**" in noted
     with pytest.raises(SystemExit, match="--doc"):
         bench_step.main(["--render", str(full), "--gpu-report", str(gpu)])
