@@ -3,8 +3,9 @@ the CPU's numbers and queue their steps without waiting for the device.
 
 Oracles: the CPU run of the same optimizer in float64 (which the other modules check against
 torch.func, torch.optim, ``higher`` and finite differences), and ``torch.optim`` on the same GPU.
-On the GPU the fused kernels are Triton code compiled through Dynamo (``TensorKernel``'s "dynamo"
-route), not the CPU's C++ loops, so these tests are what checks that code.
+On the GPU the fused kernels are Triton code (Inductor's direct compilation for contiguous tensors,
+Dynamo's for strided ones: ``TensorKernel``'s two routes), not the CPU's C++ loops, so these tests
+are what checks that code. They passed on an H100 (``experiments/gpu_check.sh``).
 
 Run them on a GPU machine with ``python -m pytest tests/test_cuda.py``. ``HYPERGRAD_TEST_DEVICE=cpu``
 runs the comparisons with the CPU in the GPU's place (a check of the tests themselves, not of a GPU).
