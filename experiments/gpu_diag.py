@@ -42,10 +42,11 @@ def variant(name: str):
         def patched(self, fn, kname, route="auto"):
             init(self, fn, kname, "inductor")
         compiled.TensorKernel.__init__ = patched
-    elif name == "static":
-        torch._dynamo.config.cache_size_limit = 64
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = 64
+    limits = {k: getattr(torch._dynamo.config, k) for k in ("cache_size_limit", "recompile_limit")
+              if hasattr(torch._dynamo.config, k)}
+    if name == "static":
+        for k in limits:  # one compilation per tensor size: more than Dynamo's default limit of 8
+            setattr(torch._dynamo.config, k, 64)
 
         def static(fn, dynamic=None, fullgraph=False, **kw):
             return real_compile(fn, dynamic=False, fullgraph=fullgraph, **kw)
@@ -54,10 +55,12 @@ def variant(name: str):
     def undo():
         compiled.TensorKernel.__init__ = init
         torch.compile = real_compile
+        for k, v in limits.items():
+            setattr(torch._dynamo.config, k, v)
     return undo
 
 
-def main():
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="gpt2_124m")
     p.add_argument("--variants", default="dynamic,static,direct")
@@ -65,7 +68,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/gpu_diag"))
     p.add_argument("--device", default="cuda", help="cuda; cpu only to check the script itself")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -76,7 +79,7 @@ def main():
     torch.manual_seed(0)
     model = make_model(args.model, device=dev)
     grads = GradientSets(model, 0)
-    report = {"git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+    report = {"git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv[1:] if argv is None else argv),
               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else None, "model": args.model, "variants": {}}
     for v in args.variants.split(","):
         undo = variant(v)
@@ -129,6 +132,7 @@ def main():
         finally:
             undo()
             torch._dynamo.reset()
+    return report
 
 
 if __name__ == "__main__":

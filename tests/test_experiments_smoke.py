@@ -348,3 +348,21 @@ def test_bench_step_all_reports_each_phase_and_renders_the_gpu_rows(tmp_path):
     assert noted.count("packing changed since") == 1 and "**Note on these rows**" in noted
     with pytest.raises(SystemExit, match="--doc"):
         bench_step.main(["--render", str(full), "--gpu-report", str(gpu)])
+
+
+def test_gpu_diag_runs_each_variant_and_restores_torch(tmp_path):
+    """experiments/gpu_diag.py (a GPU diagnostic; here on the CPU with a tiny model): every variant times
+    and profiles each candidate without an error, writes its JSON, and leaves torch.compile and
+    Dynamo's limits as it found them."""
+    from experiments import gpu_diag
+
+    compile_before, limit_before = torch.compile, torch._dynamo.config.cache_size_limit
+    report = gpu_diag.main(["--device", "cpu", "--model", "tiny", "--variants", "dynamic,static,direct", "--steps", "2",
+                            "--warmup", "1", "--out", str(tmp_path)])
+    assert torch.compile is compile_before and torch._dynamo.config.cache_size_limit == limit_before
+    assert json.loads((tmp_path / "diag.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["variants"]) == {"dynamic", "static", "direct"}
+    assert set(report["variants"]["dynamic"]) == {bench_step.FUSED, "mada_fused", "mada_hyper_fused"}
+    for res in report["variants"].values():
+        for r in res.values():
+            assert "error" not in r and r["median_ms"] > 0 and r["top_kernels"], r
