@@ -1558,17 +1558,21 @@ def _gpu_section(w, gpu: dict, diag: Optional[dict], page_commit: Optional[str],
         w(f"{diag.get('model')} shapes on {diag.get('gpu')}, torch {diag.get('torch')}, commit "
           f"`{diag.get('git_commit') or 'not recorded in its JSON'}`. Each variant builds fresh optimizers (fresh "
           "kernels) and times the step alone (median of 10, device synchronised); the kernels' times are "
-          "torch.profiler's over two more steps. "
-          "*dynamic*: Dynamo with dynamic shapes, the GPU's route before the direct one; *static*: Dynamo with "
-          "one compilation per tensor size; *direct*: `TensorKernel`'s direct Inductor route (the CPU's), the "
-          "route fused kernels on contiguous CUDA tensors take since.")
+          "torch.profiler's over two more steps; *step peak*: the allocator's peak during the timed steps above "
+          "what was allocated before them, in parameter-sized buffers. Variants: "
+          + "; ".join(f"*{v}*: {text}" for v, text in diag.get("variant_help", {
+              "dynamic": "Dynamo with dynamic shapes, the GPU's route before the direct one",
+              "static": "Dynamo with one compilation per tensor size",
+              "direct": "`TensorKernel`'s direct Inductor route (the CPU's), the route fused kernels on contiguous "
+                        "CUDA tensors take since"}).items()) + ".")
         w("")
-        w("| variant | optimizer | median ms | warm-up s | its longest kernels: ms per step (launches per step) |")
-        w("|---|---|---:|---:|---|")
+        w("| variant | optimizer | median ms | warm-up s | step peak | its longest kernels: ms per step (launches per "
+          "step) |")
+        w("|---|---|---:|---:|---:|---|")
         for v, res in diag["variants"].items():
             for n, r in res.items():
                 if "error" in r:
-                    w(f"| {v} | {n} | failed: {r['error'][:120]} | | |")
+                    w(f"| {v} | {n} | failed: {r['error'][:120]} | | | |")
                     continue
                 kernels, seen = [], set()
                 for name, count, ms in r["top_kernels"]:  # device kernels only (not ops or annotations), once each
@@ -1576,7 +1580,8 @@ def _gpu_section(w, gpu: dict, diag: Optional[dict], page_commit: Optional[str],
                         continue
                     seen.add(name)
                     kernels.append(f"`{name[:48]}`: {ms:.2f} ({count // 2})")
-                w(f"| {v} | {n} | {r['median_ms']:.2f} | {r['warmup_s']:.0f} | {'; '.join(kernels[:3])} |")
+                w(f"| {v} | {n} | {r['median_ms']:.2f} | {r['warmup_s']:.0f} | {_f(r.get('step_peak_buffers'))} "
+                  f"| {'; '.join(kernels[:3])} |")
         w("")
 
 

@@ -3,15 +3,19 @@
 #   1. tests/test_cuda.py: the GPU paths equal the CPU's in float64, and the fused steps queue
 #      without synchronising with the host (CUDA's sync debug mode);
 #   2. the benchmark's GPU rows: the optimizer step table on GPT-2 124M shapes (fused AdamW
-#      baseline), the whole train step in bf16 autocast (tokens/s, peak memory) and the memory table.
+#      baseline), the whole train step in bf16 autocast (tokens/s, peak memory) and the memory table;
+#   3. experiments/gpu_diag.py: the fused steps per way of compiling and packing, and the eager
+#      hyper step per chunk size (time, kernels, peak memory).
+# About 6 minutes on an H100 (tests ~2, benchmark ~2, diagnosis ~1.5, with compilation).
 # Each part has its own time limit, and the benchmark writes its report after every phase, so a run
 # cut short keeps what it finished. Results go to $OUT (default runs/gpu).
 #
 #   OUT=runs/gpu HYPERGRAD_GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check.sh
 #
 # Then, where the page is made: copy $OUT/bench_step_cuda.json to docs/gpu/bench_step_cuda_h100.json
-# (or a file named for the card) and rerun the CPU report with --gpu-report pointing at it (or
-# re-render the page from the last CPU report without measuring:
+# and $OUT/gpu_diag.json to docs/gpu/gpu_diag_h100.json (or files named for the card), and rerun the
+# CPU report with --gpu-report and --gpu-diag pointing at them (or re-render the page from the last
+# CPU report without measuring:
 #   python -m experiments.bench_step --render runs/bench_step.json --doc docs/performance.md \
 #       --gpu-report docs/gpu/bench_step_cuda_h100.json --gpu-diag docs/gpu/gpu_diag_h100.json \
 #       --gpu-note "$(cat docs/gpu/NOTE.txt)"
@@ -33,3 +37,8 @@ timeout "${BENCH_TIMEOUT:-360}" $PY -m experiments.bench_step --all --device cud
     --kernel-numel 0 --no-progress --out "$OUT/bench_step_cuda.json" 2>&1 | tee "$OUT/bench_step_cuda.log" \
     | grep -v "^USDT"
 echo "benchmark: $(( $(date +%s) - start )) s"
+start=$(date +%s)  # 3. where the fused steps' time goes (experiments/gpu_diag.py; its profile tables stay in /tmp)
+timeout "${DIAG_TIMEOUT:-150}" $PY -m experiments.gpu_diag --variants "${DIAG_VARIANTS:-default,dynamo,pack=1048576}" \
+    --out /tmp/gpu_diag 2>&1 | tee "$OUT/gpu_diag.log" | grep -v "^USDT"
+cp /tmp/gpu_diag/diag.json "$OUT/gpu_diag.json" 2>/dev/null
+echo "diagnosis: $(( $(date +%s) - start )) s"

@@ -1,14 +1,24 @@
-"""Where the fused steps spend their time on a GPU: the step of fused AdamW, fixed MADA and
-hyper-learning MADA on GPT-2 124M shapes, timed and profiled for each way of compiling our kernels.
+"""Where the optimizer steps spend their time on a GPU: fused AdamW, fixed MADA and hyper-learning MADA
+(fused, and eager with chosen chunk sizes) on GPT-2 124M shapes, timed, profiled and their peak
+memory read, for each way of compiling and packing our kernels.
 
-    python3 -m experiments.gpu_diag --out runs/gpu_diag        # on a lent GPU machine
+    python3 -m experiments.gpu_diag --out runs/gpu_diag                 # on a lent GPU machine
+    python3 -m experiments.gpu_diag --variants default,pack=4194304 --eager-chunks none,16777216
 
-Variants (``--variants``): ``dynamic`` (the default route on a GPU: ``torch.compile(dynamic=True)``),
-``static`` (Dynamo with static shapes: one compilation per tensor size, so Inductor sizes every
-reduction's split for the tensor it runs on) and ``direct`` (``TensorKernel``'s direct Inductor
-route, the CPU's default, forced on the GPU). Each variant builds fresh optimizers (fresh kernels),
-times ``--steps`` steps after ``--warmup``, and profiles two more; the top kernels by device time
-are printed and written to ``--out``.
+Variants (``--variants``, comma-separated; each builds fresh optimizers, so fresh kernels):
+
+* ``default``: the code as it is (``TensorKernel``'s "auto" route: Inductor's direct compilation for
+  contiguous CPU and CUDA tensors; tensors below ``SMALL_TENSOR`` elements packed into runs);
+* ``dynamo``: every kernel through ``torch.compile(dynamic=True)``, the GPU's route before the direct
+  one (``direct`` and ``dynamic`` are the names an older JSON of this script gives these two);
+* ``static``: ``torch.compile`` with static shapes, one compilation per tensor size;
+* ``pack=N``: the default route, packing tensors below N elements (an H100 run once made the fused
+  hyper step 23x slower with 2^22 and runs capped at 2^25; this variant is there to find out why).
+
+Each candidate runs ``--warmup`` steps, then ``--steps`` timed ones (median; device synchronised),
+then two under torch.profiler, whose top kernels by device time are kept; on CUDA also the
+allocator's peak during the timed steps above what was allocated before them. Results go to
+``--out``/diag.json after every candidate, and a profile table per candidate beside it.
 """
 from __future__ import annotations
 
@@ -18,52 +28,77 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Dict, Optional
 
 import torch
 
 import hypergrad
 import optimizers
+import optimizers.adapter as adapter
 import optimizers.compiled as compiled
 from experiments.bench_step import FUSED, GradientSets, LR, WEIGHT_DECAY, git_commit, make_model, param_groups
 
-CANDIDATES = {
+CANDIDATES: Dict[str, Callable] = {
     FUSED: lambda groups: torch.optim.AdamW(groups, lr=LR, fused=True),
     "mada_fused": lambda groups: optimizers.RuleOptimizer(groups, optimizers.get_rule("mada"), lr=LR, fused=True),
     "mada_hyper_fused": lambda groups: hypergrad.HyperOptimizer(groups, "mada", lr=LR, fused=True,
                                                                 nonfinite="ignore"),
 }
 
+VARIANT_HELP = {
+    "default": "the code as it is: Inductor's direct compilation for contiguous tensors, tensors below "
+               f"{compiled.SMALL_TENSOR} elements packed",
+    "dynamo": "every kernel through torch.compile(dynamic=True), the GPU's route before the direct one",
+    "static": "torch.compile with static shapes (one compilation per tensor size)",
+    "pack": "the default route, packing tensors below N elements",
+}
 
-def variant(name: str):
-    """Patch how ``optimizers.compiled`` compiles (this process only; a diagnostic script)."""
-    init = compiled.TensorKernel.__init__
-    real_compile = torch.compile
-    if name == "direct":
-        def patched(self, fn, kname, route="auto"):
-            init(self, fn, kname, "inductor")
-        compiled.TensorKernel.__init__ = patched
+
+def variant(name: str) -> Callable[[], None]:
+    """Patch how ``optimizers`` compiles and packs (this process only: a diagnostic script); returns
+    the function that undoes the patch."""
+    init, plan_cls, real_compile = compiled.TensorKernel.__init__, adapter.SegmentPlan, torch.compile
     limits = {k: getattr(torch._dynamo.config, k) for k in ("cache_size_limit", "recompile_limit")
               if hasattr(torch._dynamo.config, k)}
+    if name in ("dynamo", "static"):
+        def routed(self, fn, kname, route="auto"):
+            init(self, fn, kname, "dynamo")
+        compiled.TensorKernel.__init__ = routed
     if name == "static":
         for k in limits:  # one compilation per tensor size: more than Dynamo's default limit of 8
             setattr(torch._dynamo.config, k, 64)
 
         def static(fn, dynamic=None, fullgraph=False, **kw):
             return real_compile(fn, dynamic=False, fullgraph=fullgraph, **kw)
-        compiled.torch.compile = static  # the module object is torch itself: undone below
+        torch.compile = static
+    elif name.startswith("pack="):
+        small = int(name.split("=", 1)[1])
+
+        def packed(params, groups=None, small_=small):
+            return plan_cls(params, groups, small_)
+        adapter.SegmentPlan = packed  # what a bucket builds its plans with
+    elif name not in ("default", "dynamo"):
+        raise ValueError(f"variant {name!r}: allowed default, dynamo, static, pack=N")
 
     def undo():
-        compiled.TensorKernel.__init__ = init
-        torch.compile = real_compile
+        compiled.TensorKernel.__init__, adapter.SegmentPlan, torch.compile = init, plan_cls, real_compile
         for k, v in limits.items():
             setattr(torch._dynamo.config, k, v)
     return undo
 
 
+def _chunk(text: str) -> Optional[int]:
+    return None if text == "none" else int(text)
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2_124m")
-    p.add_argument("--variants", default="dynamic,static,direct")
+    p.add_argument("--variants", default="default,dynamo,pack=1048576")
+    p.add_argument("--eager-chunks", default="none,16777216",
+                   help="chunk_numel of the eager hyper-learning candidates ('none': the device's default, one "
+                        "chunk on a GPU); '' for none. They run in the first variant only (nothing of theirs "
+                        "is compiled)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/gpu_diag"))
@@ -76,18 +111,33 @@ def main(argv=None) -> dict:
     def sync():
         if cuda:
             torch.cuda.synchronize()
+
     torch.manual_seed(0)
     model = make_model(args.model, device=dev)
     grads = GradientSets(model, 0)
-    report = {"git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv[1:] if argv is None else argv),
-              "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else None, "model": args.model, "variants": {}}
-    for v in args.variants.split(","):
+    pbytes = sum(q.numel() * q.element_size() for q in model.parameters())
+    variants = [v for v in args.variants.split(",") if v]
+    report = {"git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "argv": list(sys.argv[1:] if argv is None else argv), "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if cuda else None, "model": args.model,
+              "variant_help": {v: VARIANT_HELP[v.split("=")[0]] + (f" (N = {v.split('=')[1]})" if "=" in v else "")
+                               for v in variants},
+              "variants": {}}
+    def eager_hyper(chunk: Optional[int]):
+        def make(groups):
+            opt = hypergrad.HyperOptimizer(groups, "mada", lr=LR, nonfinite="ignore")
+            opt.chunk_numel = chunk  # (an attribute: None is the device's default)
+            return opt
+        return make
+
+    eager = {f"mada_hyper_chunk={c}": eager_hyper(_chunk(c)) for c in args.eager_chunks.split(",") if c}
+    for k, v in enumerate(variants):
         undo = variant(v)
         res = report["variants"][v] = {}
         try:
-            for name, make in CANDIDATES.items():
-                if name == FUSED and v != "dynamic":
-                    continue
+            for name, make in {**CANDIDATES, **(eager if k == 0 else {})}.items():
+                if name == FUSED and k:
+                    continue  # torch's own: the same in every variant
                 t0 = time.perf_counter()
                 try:
                     opt = make(param_groups(model, WEIGHT_DECAY))
@@ -96,6 +146,9 @@ def main(argv=None) -> dict:
                         opt.step()
                     sync()
                     warm_s = time.perf_counter() - t0
+                    if cuda:
+                        level = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
                     times = []
                     for r in range(args.steps):
                         grads(r)
@@ -104,28 +157,29 @@ def main(argv=None) -> dict:
                         opt.step()
                         sync()
                         times.append((time.perf_counter() - a) * 1e3)
+                    peak = (torch.cuda.max_memory_allocated() - level) / pbytes if cuda else None
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
                         for r in range(2):
                             grads(r)
                             opt.step()
                         sync()
-                    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=14,
-                                                      max_name_column_width=70)
-                    (args.out / f"profile_{v}_{name}.txt").write_text(table)
                     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-                    kernels = [e for e in prof.key_averages() if getattr(e, key) > 0]
-                    kernels.sort(key=lambda e: -getattr(e, key))
+                    table = prof.key_averages().table(sort_by=key.replace("device", "cuda"), row_limit=14,
+                                                      max_name_column_width=70)
+                    (args.out / f"profile_{v.replace('=', '')}_{name.replace('=', '')}.txt").write_text(table)
+                    kernels = sorted((e for e in prof.key_averages() if getattr(e, key) > 0),
+                                     key=lambda e: -getattr(e, key))
                     res[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "warmup_s": warm_s,
+                                 "step_peak_buffers": peak,
                                  "top_kernels": [(e.key[:90], e.count, round(getattr(e, key) / 2e3, 3))
-                                                 for e in kernels[:8]],
-                                 "device_ms_per_step": sum(getattr(e, key) for e in kernels) / 2e3}
-                    print(f"[{v}] {name}: median {res[name]['median_ms']:.2f} ms (device {res[name]['device_ms_per_step']:.2f} ms/step), "
-                          f"warm-up {warm_s:.0f} s", flush=True)
-                    for k in res[name]["top_kernels"]:
-                        print(f"      {k[2]:8.3f} ms/step  x{k[1] // 2:<4d} {k[0]}", flush=True)
+                                                 for e in kernels[:8]]}
+                    print(f"[{v}] {name}: median {res[name]['median_ms']:.2f} ms, warm-up {warm_s:.0f} s"
+                          + (f", step peak {peak:.2f} parameter-sized buffers" if cuda else ""), flush=True)
+                    for kern in res[name]["top_kernels"]:
+                        print(f"      {kern[2]:8.3f} ms/step  x{kern[1] // 2:<4d} {kern[0]}", flush=True)
                     del opt
-                except Exception as exc:  # a diagnostic: report and go on with the next variant
+                except Exception as exc:  # a diagnostic: report and go on with the next candidate
                     res[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                     print(f"[{v}] {name}: FAILED {res[name]['error'][:600]}", flush=True)
                 (args.out / "diag.json").write_text(json.dumps(report, indent=2))

@@ -357,12 +357,22 @@ def test_gpu_diag_runs_each_variant_and_restores_torch(tmp_path):
     from experiments import gpu_diag
 
     compile_before, limit_before = torch.compile, torch._dynamo.config.cache_size_limit
-    report = gpu_diag.main(["--device", "cpu", "--model", "tiny", "--variants", "dynamic,static,direct", "--steps", "2",
-                            "--warmup", "1", "--out", str(tmp_path)])
-    assert torch.compile is compile_before and torch._dynamo.config.cache_size_limit == limit_before
+    import optimizers.adapter as adapter
+    from optimizers.compiled import SegmentPlan, TensorKernel
+
+    before = (torch.compile, torch._dynamo.config.cache_size_limit, TensorKernel.__init__, adapter.SegmentPlan)
+    variants = ["default", "dynamo", "static", "pack=64"]
+    report = gpu_diag.main(["--device", "cpu", "--model", "tiny", "--variants", ",".join(variants), "--steps", "2",
+                            "--warmup", "1", "--eager-chunks", "none,1000", "--out", str(tmp_path)])
+    assert (torch.compile, torch._dynamo.config.cache_size_limit, TensorKernel.__init__, adapter.SegmentPlan) == before
+    assert adapter.SegmentPlan is SegmentPlan
     assert json.loads((tmp_path / "diag.json").read_text()) == json.loads(json.dumps(report))
-    assert set(report["variants"]) == {"dynamic", "static", "direct"}
-    assert set(report["variants"]["dynamic"]) == {bench_step.FUSED, "mada_fused", "mada_hyper_fused"}
+    assert list(report["variants"]) == variants and list(report["variant_help"]) == variants
+    assert set(report["variants"]["default"]) == {bench_step.FUSED, "mada_fused", "mada_hyper_fused",
+                                                  "mada_hyper_chunk=none", "mada_hyper_chunk=1000"}
+    assert set(report["variants"]["pack=64"]) == {"mada_fused", "mada_hyper_fused"}
     for res in report["variants"].values():
         for r in res.values():
             assert "error" not in r and r["median_ms"] > 0 and r["top_kernels"], r
+    with pytest.raises(ValueError, match="variant"):
+        gpu_diag.variant("fast")
