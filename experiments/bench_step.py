@@ -1391,7 +1391,8 @@ def run_all(models: Sequence[str] = ("gpt10m", "mlp10m"), only: Optional[Sequenc
                         "weight_decay_on": "dim >= 2 (experiments.model.param_groups)",
                         "grad": "fixed N(0, 1e-2), set once (step, memory, scaling, tower tables)", "seed": seed,
                         "steps": steps, "slow_steps": slow_steps, "warmup": warmup,
-                        "train": [[str(x) if isinstance(x, torch.dtype) else x for x in t] for t in train], "scaling_steps": scaling_steps, "tower_steps": tower_steps,
+                        "train": [[str(x) if isinstance(x, torch.dtype) else x for x in t] for t in train],
+                        "scaling_steps": scaling_steps, "tower_steps": tower_steps,
                         "tower_small_steps": tower_small_steps, "kernel_numel": kernel_numel,
                         "kernel_steps": kernel_steps, "interval_model": interval_model, "intervals": list(intervals),
                         "interval_steps": interval_steps}
