@@ -759,7 +759,7 @@ class HyperOptimizer(RuleOptimizer):
         return t.view(-1) if t.is_contiguous() else t
 
     def _scalars(self, values: Mapping[str, object], ref: Tensor) -> Dict[str, Tensor]:
-        return {k: device_scalar(v if isinstance(v, Tensor) else float(v), ref.device) for k, v in values.items()}
+        return {k: device_scalar(v, ref.device) for k, v in values.items()}
 
     def _sets_of(self, params: Sequence[Tensor]) -> List[object]:
         """The coefficient set of each parameter: small tensors share a kernel call only within one."""
