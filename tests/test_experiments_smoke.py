@@ -128,10 +128,11 @@ def test_bench_step_interval_table():
 def test_bench_step_kernel_table():
     """(g): each kernel of the hyper step is timed next to fused AdamW, with its bandwidth floor."""
     tab = bench_step.kernel_table(5000, steps=2, warmup=1, device=torch.device("cpu"), progress=False, in_cache_rounds=3)
-    assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule", "vjp_io", "update_io", "rule_io"}
+    assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule", "one_pass", "vjp_io", "update_io",
+                                   "rule_io"}
     assert tab["states"] == 6 and tab["reductions"] == 6
     floors = {n: r["floor_bytes"] for n, r in tab["results"].items()}
-    assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 17, "rule": 15,
+    assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 17, "rule": 15, "one_pass": 17,
                       "vjp_io": 8, "update_io": 17, "rule_io": 15}
     for r in tab["results"].values():
         assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
@@ -141,6 +142,50 @@ def test_bench_step_kernel_table():
     assert tab["in_cache_sizes"] == [4096, 20480]
     with pytest.raises(ValueError, match="in_cache_sizes"):
         bench_step.in_cache_ns([20480, 4096], 2, 2, torch.device("cpu"), progress=False)
+
+
+def test_one_pass_what_if_kernel_computes_the_two_kernels_results():
+    """(g)'s one_pass kernel, in float64: its partial hypergradient is the vjp kernel's, its x the update
+    kernel's, and the state it writes out of place the state after the recorded update (``advance``)."""
+    from hypergrad.fused import HyperKernels
+    from optimizers.compiled import TensorKernel
+    fam = bench_step.family("mada")
+    names, S = fam.state_names, len(fam.state_names)
+    learn = tuple(n for n, c in fam.coefficients.items() if c.learnable)
+    gen = torch.Generator().manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    n = 3001
+    x, g, g_last = (torch.randn(n, generator=gen, **f64) * s for s in (1.0, 1e-2, 1e-2))
+    states = [torch.rand(n, generator=gen, **f64) * 1e-4 for _ in range(S)]
+    h = {k: torch.tensor(float(c.init), **f64) for k, c in fam.coefficients.items()}
+    h.update(beta3=torch.tensor(0.1, **f64), gamma=torch.tensor(0.8, **f64), c=torch.tensor(0.7, **f64),
+             lr=torch.tensor(1e-3, **f64), weight_decay=torch.tensor(0.1, **f64))
+    h_old = {**h, "beta1": torch.tensor(0.85, **f64), "rho": torch.tensor(0.4, **f64)}
+    t_old, t = torch.tensor(4.0, **f64), torch.tensor(5.0, **f64)
+    kern = HyperKernels(fam, "decoupled", learn)
+    q = torch.stack([h_old[k] for k in learn])
+    fixed = {k: v for k, v in h_old.items() if k not in learn}
+    pre, pre_old = kern.scalars(h, t), kern.scalars(h_old, t_old)
+
+    partial_ref, sum_ref = kern.partial_for(fixed, t_old)(g_last, states, g, q)
+    x_ref, st_ref, store_ref = x.clone(), [b.clone() for b in states], torch.empty_like(g)
+    kern.update_for(h, t, pre, (h_old, t_old, pre_old), True)(x_ref, g, st_ref, g_last, store_ref)
+    advanced = kern.advance(g_last, states, h_old, t_old, pre_old)
+
+    one = TensorKernel(bench_step._one_pass(fam, "decoupled", names, learn, tuple(fixed), tuple(h), tuple(pre)), "t")
+    x_one, new, store = x.clone(), [torch.full_like(g, math.nan) for _ in range(S)], torch.empty_like(g)
+    old = [b.clone() for b in states]
+    partial, total = one.bind(*fixed.values(), *h.values(), t, *pre.values(), *h_old.values(), t_old,
+                              *pre_old.values())(x_one, g, *old, *new, g_last, store, q)
+    torch.testing.assert_close(partial, partial_ref, rtol=1e-12, atol=1e-18)
+    torch.testing.assert_close(total, sum_ref, rtol=1e-12, atol=1e-18)
+    torch.testing.assert_close(x_one, x_ref, rtol=1e-14, atol=1e-18)
+    assert not torch.equal(x_one, x)
+    torch.testing.assert_close(store, g, rtol=0, atol=0)
+    for k, b in zip(names, new):
+        torch.testing.assert_close(b, advanced[k], rtol=1e-14, atol=1e-20)
+    for a, b in zip(old, states):  # the state it reads is left as it was
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("n_states, reductions", [(6, 6), (6, 3), (2, 4)])
