@@ -10,8 +10,8 @@ That vjp is taken by ``torch.func.vjp`` of the *pure* update ``optimizers.displa
 respect to the coefficient vector; its residual (the saved tensors of one update, not of the
 model) is kept until the next step supplies g_t. For a tower the cotangent climbs one level per
 step, ``d_1 = vjp_0(g_t)``, ``d_{k+1} = vjp_k(d_k)`` (the levels' vjps, on vectors of a few entries,
-by ``torch.autograd.grad``: less overhead than functorch's transforms); the updates then run top-down, each level using
-the freshly updated hyperparameters of the level above (design.md §2.3).
+by ``torch.autograd.grad``: less overhead than functorch's transforms); the updates then run
+top-down, each level using the freshly updated hyperparameters of the level above (design.md §2.3).
 
 Two backends give the same numbers:
 
