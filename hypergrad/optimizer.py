@@ -673,10 +673,9 @@ class HyperOptimizer(RuleOptimizer):
         with torch.enable_grad():
             leaf = self._q[k + 1].detach().requires_grad_(True)
             out = self._level_fn(k, rec)(leaf)
-            if not out.requires_grad:  # q_{k+1} does not depend on q_{k+2}
+            if not out.requires_grad:  # q_{k+1} does not depend on q_{k+2} (the only leaf here)
                 return torch.zeros_like(leaf)
-            (g_q,) = torch.autograd.grad(out, leaf, cotangent, allow_unused=True)
-        return torch.zeros_like(leaf) if g_q is None else g_q
+            return torch.autograd.grad(out, leaf, cotangent)[0]
 
     def _graph_hypergradients_sharded(self) -> List[Tensor]:
         """Graph backend with sharded DTensor parameters: every level's hypergradient is linear in the
