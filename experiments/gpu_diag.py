@@ -16,21 +16,26 @@ Variants (``--variants``, comma-separated; each builds fresh optimizers, so fres
   hyper step 23x slower with 2^22 and runs capped at 2^25; this variant is there to find out why).
 
 Each candidate runs ``--warmup`` steps, then ``--steps`` timed ones (median; device synchronised),
-then two under torch.profiler, whose top kernels by device time are kept; on CUDA also the
-allocator's peak during the timed steps above what was allocated before them. Results go to
+then two under torch.profiler, whose top kernels by device time are kept with the number of device
+kernels a step launches, then two under cProfile, whose top Python functions by own time are kept
+(the host's share of a step that launches hundreds of kernels); on CUDA also the allocator's peak
+during the timed steps above what was allocated before them. Results go to
 ``--out``/diag.json after every candidate, and a profile table per candidate beside it.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.autograd import DeviceType
 
 import hypergrad
 import optimizers
@@ -85,6 +90,20 @@ def variant(name: str) -> Callable[[], None]:
         for k, v in limits.items():
             setattr(torch._dynamo.config, k, v)
     return undo
+
+
+def host_profile(step: Callable[[int], None], steps: int = 2, top: int = 12) -> List[list]:
+    """``step(r)`` run ``steps`` times under cProfile: the ``top`` functions by own time, as
+    ``[function, calls per step, own ms per step, cumulative ms per step]``."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for r in range(steps):
+        step(r)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [[f"{Path(f).name}:{line}({name})"[:90], calls // steps, round(tt * 1e3 / steps, 3),
+             round(ct * 1e3 / steps, 3)] for (f, line, name), (_, calls, tt, ct, _) in rows]
 
 
 def _chunk(text: str) -> Optional[int]:
@@ -170,14 +189,26 @@ def main(argv=None) -> dict:
                     (args.out / f"profile_{v.replace('=', '')}_{name.replace('=', '')}.txt").write_text(table)
                     kernels = sorted((e for e in prof.key_averages() if getattr(e, key) > 0),
                                      key=lambda e: -getattr(e, key))
+                    launched = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) // 2
+
+                    def one_step(r):
+                        grads(r)
+                        opt.step()
+                        sync()
+                    host = host_profile(one_step)
                     res[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "warmup_s": warm_s,
                                  "step_peak_buffers": peak,
                                  "top_kernels": [(e.key[:90], e.count, round(getattr(e, key) / 2e3, 3))
-                                                 for e in kernels[:8]]}
+                                                 for e in kernels[:8]],
+                                 "device_kernels_per_step": launched if cuda else None, "host_top": host}
                     print(f"[{v}] {name}: median {res[name]['median_ms']:.2f} ms, warm-up {warm_s:.0f} s"
                           + (f", step peak {peak:.2f} parameter-sized buffers" if cuda else ""), flush=True)
                     for kern in res[name]["top_kernels"]:
                         print(f"      {kern[2]:8.3f} ms/step  x{kern[1] // 2:<4d} {kern[0]}", flush=True)
+                    print(f"      host (cProfile, own ms/step; {launched if cuda else '-'} device kernels/step):",
+                          flush=True)
+                    for fn, calls, own, cum in host[:8]:
+                        print(f"      {own:8.3f} ms own {cum:8.3f} cum  x{calls:<5d} {fn}", flush=True)
                     del opt
                 except Exception as exc:  # a diagnostic: report and go on with the next candidate
                     res[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}

@@ -419,5 +419,8 @@ def test_gpu_diag_runs_each_variant_and_restores_torch(tmp_path):
     for res in report["variants"].values():
         for r in res.values():
             assert "error" not in r and r["median_ms"] > 0 and r["top_kernels"], r
+            assert r["host_top"] and all(own >= 0 and cum >= own for _, _, own, cum in r["host_top"]), r["host_top"]
+            owns = [own for _, _, own, _ in r["host_top"]]
+            assert owns == sorted(owns, reverse=True)
     with pytest.raises(ValueError, match="variant"):
         gpu_diag.variant("fast")
