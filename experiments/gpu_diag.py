@@ -12,6 +12,8 @@ Variants (``--variants``, comma-separated; each builds fresh optimizers, so fres
 * ``dynamo``: every kernel through ``torch.compile(dynamic=True)``, the GPU's route before the direct
   one (``direct`` and ``dynamic`` are the names an older JSON of this script gives these two);
 * ``static``: ``torch.compile`` with static shapes, one compilation per tensor size;
+* ``sized``: Inductor's direct route with static sizes (one compilation per argument layout): a
+  reduction's split is then sized for the tensor it runs on, not for the first one compiled;
 * ``pack=N``: the default route, packing tensors below N elements (an H100 run once made the fused
   hyper step 23x slower with 2^22 and runs capped at 2^25; this variant is there to find out why).
 
@@ -55,6 +57,7 @@ VARIANT_HELP = {
                f"{compiled.SMALL_TENSOR} elements packed",
     "dynamo": "every kernel through torch.compile(dynamic=True), the GPU's route before the direct one",
     "static": "torch.compile with static shapes (one compilation per tensor size)",
+    "sized": "Inductor's direct route with static sizes (one compilation per argument layout)",
     "pack": "the default route, packing tensors below N elements",
 }
 
@@ -63,6 +66,7 @@ def variant(name: str) -> Callable[[], None]:
     """Patch how ``optimizers`` compiles and packs (this process only: a diagnostic script); returns
     the function that undoes the patch."""
     init, plan_cls, real_compile = compiled.TensorKernel.__init__, adapter.SegmentPlan, torch.compile
+    real_direct = compiled._compile_direct
     limits = {k: getattr(torch._dynamo.config, k) for k in ("cache_size_limit", "recompile_limit")
               if hasattr(torch._dynamo.config, k)}
     if name in ("dynamo", "static"):
@@ -82,11 +86,16 @@ def variant(name: str) -> Callable[[], None]:
         def packed(params, groups=None, small_=small):
             return plan_cls(params, groups, small_)
         adapter.SegmentPlan = packed  # what a bucket builds its plans with
+    elif name == "sized":
+        def sized(graph, args, n_big):
+            return real_direct(graph, args, 0)  # no dynamic argument: every size is baked in and guarded
+        compiled._compile_direct = sized
     elif name not in ("default", "dynamo"):
-        raise ValueError(f"variant {name!r}: allowed default, dynamo, static, pack=N")
+        raise ValueError(f"variant {name!r}: allowed default, dynamo, static, sized, pack=N")
 
     def undo():
         compiled.TensorKernel.__init__, adapter.SegmentPlan, torch.compile = init, plan_cls, real_compile
+        compiled._compile_direct = real_direct
         for k, v in limits.items():
             setattr(torch._dynamo.config, k, v)
     return undo
@@ -118,6 +127,10 @@ def main(argv=None) -> dict:
                    help="chunk_numel of the eager hyper-learning candidates ('none': the device's default, one "
                         "chunk on a GPU); '' for none. They run in the first variant only (nothing of theirs "
                         "is compiled)")
+    p.add_argument("--sources", default="",
+                   help="comma-separated substrings of kernel names (e.g. 'hyper_partial'): the Inductor source of "
+                        "each direct compilation of a matching kernel is written to --out as "
+                        "source_<variant>_<kernel>_<n>.py (what split and block sizes its reductions got)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/gpu_diag"))
@@ -150,8 +163,23 @@ def main(argv=None) -> dict:
         return make
 
     eager = {f"mada_hyper_chunk={c}": eager_hyper(_chunk(c)) for c in args.eager_chunks.split(",") if c}
+    wanted = [w for w in args.sources.split(",") if w]
+    real_bare = compiled._bare_call
+
+    def recording(v):
+        def bare_call(graph, compiled_fn, n_args):
+            name = graph.__class__.__name__
+            if any(w in name for w in wanted):
+                code = getattr(compiled._inductor_graph(compiled_fn), "source_code", None) or ""
+                n = len(list(args.out.glob(f"source_{v}_{name}_*.py")))
+                (args.out / f"source_{v.replace('=', '')}_{name}_{n}.py").write_text(code)
+            return real_bare(graph, compiled_fn, n_args)
+        return bare_call
+
     for k, v in enumerate(variants):
         undo = variant(v)
+        if wanted:
+            compiled._bare_call = recording(v)
         res = report["variants"][v] = {}
         try:
             for name, make in {**CANDIDATES, **(eager if k == 0 else {})}.items():
@@ -216,6 +244,7 @@ def main(argv=None) -> dict:
                 (args.out / "diag.json").write_text(json.dumps(report, indent=2))
         finally:
             undo()
+            compiled._bare_call = real_bare
             torch._dynamo.reset()
     return report
 
