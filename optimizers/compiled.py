@@ -323,6 +323,29 @@ def _bare_call(graph, compiled, n_args: int) -> Optional[Callable]:
     return bare
 
 
+# Devices whose compilations each serve one size class (``_guard_size_class``).
+SIZE_CLASS_DEVICES = ("cuda",)
+
+
+def _guard_size_class(fakes: Sequence[Tensor], args: Sequence[Tensor]) -> None:
+    """Guard every symbolic size to the power-of-4 class of the size it is compiled for,
+    ``4^k <= n < 4^(k+1)``: a compilation then serves only sizes within a factor of 4 of its own.
+
+    Why: Inductor sizes a Triton reduction's split (how many blocks share one sum) from the size
+    hint of the compilation, records no guard for it, and its on-disk cache (FxGraphCache) serves
+    the compiled code to any size its guards admit, in later processes too. On an H100 the
+    hypergradient's kernel, first compiled by tests/test_cuda.py on small tensors (one block per
+    sum), then took 744 of a 750 ms fused hyper step on GPT-2 124M shapes; compiled for those
+    shapes in a fresh cache the step took 31 ms (experiments/gpu_diag.py). The guards recorded
+    here are part of the compilation's guards, ours and the cache's."""
+    for fake, real in zip(fakes, args):
+        for size, n in zip(fake.shape, real.shape):
+            if isinstance(size, torch.SymInt) and n > 0:
+                low = 1 << ((n.bit_length() - 1) // 2 * 2)
+                if not (size >= low and size < 4 * low):  # (evaluating a SymBool records its guard)
+                    raise AssertionError(f"size {n} outside its class [{low}, {4 * low})")
+
+
 def _compile_direct(graph, args: Sequence[Tensor], n_big: int
                     ) -> Tuple[Callable, Callable[[Sequence[Tensor]], bool], List[int]]:
     """Inductor's compilation of ``graph`` for arguments like ``args`` (dynamic sizes and offsets for
@@ -341,6 +364,8 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
     fakes = [mode.from_tensor(a.detach(), symbolic_context=StatelessSymbolicContext(
         dynamic_sizes=[DimDynamic.DYNAMIC if i < n_big else DimDynamic.STATIC] * a.dim()))
         for i, a in enumerate(args)]
+    if any(a.device.type in SIZE_CLASS_DEVICES for a in args[:n_big]):
+        _guard_size_class(fakes[:n_big], args[:n_big])
     streams: List[int] = []
     with torch.no_grad(), prefetching(streams):
         compiled = compile_fx(copy.deepcopy(graph), fakes)
