@@ -323,6 +323,44 @@ def _bare_call(graph, compiled, n_args: int) -> Optional[Callable]:
     return bare
 
 
+class _LayoutKey:
+    """A post-grad pass that changes nothing (it runs the one configured before it, if any): its
+    ``uuid`` is part of the key under which Inductor caches a compilation (FxGraphCache and
+    AOTAutograd's cache), and it names the exact layout (sizes, strides, storage offsets, dtypes,
+    devices) the compilation was made for.
+
+    Why: our compilations have symbolic sizes but no size among the graph's inputs, so the cache
+    keeps no guard for them and serves any cached code to any size; yet Inductor generates code
+    from the size hints of the compilation and the guards of its shape environment (a reduction's
+    split, a persistent reduction for a size known to be small). Keyed by the layout, a cached
+    compilation is only reused for the arguments it was made for (other layouts then reuse it in
+    this process only if its own guards admit them: ``_Signature.compiled_for``)."""
+
+    def __init__(self, layout: Tuple, inner):
+        self.layout, self.inner = layout, inner
+
+    def __call__(self, graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self):
+        inner = None if self.inner is None else self.inner.uuid()
+        return None if self.inner is not None and inner is None else repr((self.layout, inner))
+
+
+def _cache_keyed_by_layout(args: Sequence[Tensor]):
+    """A context in which Inductor's compilation caches are keyed by the layout of ``args`` too."""
+    from torch._inductor import config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class LayoutKey(_LayoutKey, CustomGraphPass):  # (CustomGraphPass: what Inductor asks a pass to be)
+        pass
+
+    layout = tuple((tuple(a.shape), tuple(a.stride()), a.storage_offset(), str(a.dtype), str(a.device))
+                   for a in args)
+    return config.patch(post_grad_custom_post_pass=LayoutKey(layout, config.post_grad_custom_post_pass))
+
+
 # Devices whose compilations each serve one size class (``_guard_size_class``).
 SIZE_CLASS_DEVICES = ("cuda",)
 
@@ -367,7 +405,7 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
     if any(a.device.type in SIZE_CLASS_DEVICES for a in args[:n_big]):
         _guard_size_class(fakes[:n_big], args[:n_big])
     streams: List[int] = []
-    with torch.no_grad(), prefetching(streams):
+    with torch.no_grad(), prefetching(streams), _cache_keyed_by_layout(args):
         compiled = compile_fx(copy.deepcopy(graph), fakes)
     bare = _bare_call(graph, compiled, len(args))
     if bare is not None:

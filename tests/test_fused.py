@@ -590,6 +590,50 @@ def test_tensor_kernel_falls_back_to_dynamo_when_the_direct_route_fails(monkeypa
     assert all(abs(x.item() - y.item()) <= 1e-4 for x, y in zip(out, expected))
 
 
+def _fx_cache_counts():
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def test_compilations_are_cached_per_layout_and_cuda_ones_per_size_class(monkeypatch):
+    """Inductor's cache keeps no guard on our symbolic sizes, yet its code depends on the size it was
+    compiled for (on CUDA a reduction's split): a compilation for another layout must not be served
+    the cached code of the first (``_LayoutKey``), while the same layout again is. A CUDA
+    compilation serves sizes within a factor of 4 (``_guard_size_class``; tried here on the CPU)."""
+    import contextlib
+
+    import optimizers.compiled as C
+    from torch._inductor.utils import fresh_cache
+
+    monkeypatch.setattr(C, "SIZE_CLASS_DEVICES", ("cuda", "cpu"))
+
+    def fn(a, b):
+        return (a * b).sum()
+
+    def run(kern, n):
+        a = torch.randn(n, dtype=torch.float64)
+        torch.testing.assert_close(kern(a, a), (a * a).sum())
+
+    with fresh_cache():
+        hits, misses = _fx_cache_counts()
+        kern = C.TensorKernel(fn, "t_layout_key")
+        for n in (100, 255):  # one class: [64, 256)
+            run(kern, n)
+        assert kern.compiled_graphs() == 1
+        run(kern, 256)  # the next class: a compilation of its own, not the cached one
+        assert kern.compiled_graphs() == 2 and _fx_cache_counts() == (hits, misses + 2)
+        run(C.TensorKernel(fn, "t_layout_key"), 100)  # the first layout again: from the cache
+        assert _fx_cache_counts() == (hits + 1, misses + 2)
+    # without the layout in the key, the second class would have been served the first one's code
+    monkeypatch.setattr(C, "_cache_keyed_by_layout", lambda args: contextlib.nullcontext())
+    with fresh_cache():
+        hits, misses = _fx_cache_counts()
+        kern = C.TensorKernel(fn, "t_layout_key")
+        run(kern, 100)
+        run(kern, 256)
+        assert kern.compiled_graphs() == 2 and _fx_cache_counts() == (hits + 1, misses + 1)
+
+
 _PREFETCH_SOURCE = """#include <torch/csrc/inductor/cpp_prefix.h>
 extern "C"  void  kernel(const double* in_ptr0,
                        const float* in_ptr1,
