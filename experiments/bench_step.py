@@ -1609,13 +1609,16 @@ def _gpu_section(w, gpu: dict, diag: Optional[dict], page_commit: Optional[str],
               "direct": "`TensorKernel`'s direct Inductor route (the CPU's), the route fused kernels on contiguous "
                         "CUDA tensors take since"}).items()) + ".")
         w("")
-        w("| variant | optimizer | median ms | warm-up s | step peak | its longest kernels: ms per step (launches per "
-          "step) |")
-        w("|---|---|---:|---:|---:|---|")
+        w("*kernels*: device kernels launched per step (where the JSON has them). The host's share of a step "
+          "(cProfile's top functions, `host_top`) is in the JSON.")
+        w("")
+        w("| variant | optimizer | median ms | warm-up s | step peak | kernels | its longest kernels: ms per step "
+          "(launches per step) |")
+        w("|---|---|---:|---:|---:|---:|---|")
         for v, res in diag["variants"].items():
             for n, r in res.items():
                 if "error" in r:
-                    w(f"| {v} | {n} | failed: {r['error'][:120]} | | | |")
+                    w(f"| {v} | {n} | failed: {r['error'][:120]} | | | | |")
                     continue
                 kernels, seen = [], set()
                 for name, count, ms in r["top_kernels"]:  # device kernels only (not ops or annotations), once each
@@ -1624,7 +1627,7 @@ def _gpu_section(w, gpu: dict, diag: Optional[dict], page_commit: Optional[str],
                     seen.add(name)
                     kernels.append(f"`{name[:48]}`: {ms:.2f} ({count // 2})")
                 w(f"| {v} | {n} | {r['median_ms']:.2f} | {r['warmup_s']:.0f} | {_f(r.get('step_peak_buffers'))} "
-                  f"| {'; '.join(kernels[:3])} |")
+                  f"| {_f(r.get('device_kernels_per_step'), '{:d}')} | {'; '.join(kernels[:3])} |")
         w("")
 
 

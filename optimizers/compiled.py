@@ -63,7 +63,8 @@ class TensorKernel:
       call, more than the whole update of a 20k-element tensor. Instead, every guard Inductor's
       compilation recorded (sizes equal, sizes >= 2, a reduction longer than a chunk, strides...)
       is evaluated once per argument layout (dtypes, shapes, strides, storage offsets, devices);
-      a layout that fails them gets a compilation of its own. On an H100 (GPT-2 124M shapes,
+      a layout that fails them gets a compilation of its own (on CUDA, also a size outside the
+      power-of-4 class of the first: ``_guard_size_class``). On an H100 (GPT-2 124M shapes,
       ``experiments/gpu_diag.py``) this route took the fused MADA step from 11.1 to 3.7 ms and the
       hyper-learning step from 66 to 32 ms: Dynamo's call overhead dominated the fused step, and
       the hypergradient's reduction kernel took 34 ms of the 66 through Dynamo against 2.3 ms here
@@ -431,10 +432,13 @@ def _compile_direct(graph, args: Sequence[Tensor], n_big: int
 # packed with its neighbours (copied to a flat tensor and back) than given a call of its own.
 # LayerNorm weights and biases are all below it. (Measured on the demo GPT, all of whose tensors
 # are below 2^17: packing them stayed faster than one call per tensor above 2^13 or 2^15.)
-# A GPU uses the same limit: packing more for the hyper-learning step there (tensors below 2^22, in
-# runs of up to 2^25 elements) made its step on GPT-2 124M shapes 23x slower on an H100 (752 ms
-# against 32; cause not found before the GPU went back). On a CPU one packed run of a whole 10.7M-parameter
-# bucket took the hyper step from 31 to 56 ms (its packed run is concatenated ~8 times a step).
+# A GPU uses the same limit for now. Packing more there (tensors below 2^22, in runs of up to 2^25
+# elements) was once measured 23x slower for the hyper-learning step on GPT-2 124M shapes (752 ms
+# against 32), but that run, like one with the CPU's packing later (750 ms), came after the tests had
+# filled Inductor's cache with the vjp kernel compiled for small tensors (see ``_LayoutKey``): the
+# packing was not the cause, and whether it pays on a GPU (the step there is bound by ~1500 kernel
+# launches) is still to be measured. On a CPU one packed run of a whole 10.7M-parameter bucket took
+# the hyper step from 31 to 56 ms (its packed run is concatenated ~8 times a step).
 SMALL_TENSOR = 1 << 17
 
 

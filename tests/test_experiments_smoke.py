@@ -380,7 +380,7 @@ def test_bench_step_all_reports_each_phase_and_renders_the_gpu_rows(tmp_path):
     page = bench_step.write_doc(report, tmp_path / "page.md", json.loads(gpu.read_text()), json.loads(diag.read_text()))
     assert "## GPU rows: GPT-2 124M shapes on NVIDIA H100 80GB HBM3" in page
     assert "#### gpt2_124m_bf16: gpt2_124m (124.37M parameters" in page and "Not this page's commit" in page
-    assert "| direct | mada_hyper_fused | 31.96 |" in page
+    assert "| default | mada_hyper_fused | 30.65 | 10 | 2.50 | 1494 |" in page
     bench_step.main(["--render", str(full), "--doc", str(tmp_path / "rendered.md"), "--gpu-report", str(gpu),
                      "--gpu-diag", str(diag)])
     rendered = (tmp_path / "rendered.md").read_text()
