@@ -333,7 +333,10 @@ class _LayoutKey:
     Why: our compilations have symbolic sizes but no size among the graph's inputs, so the cache
     keeps no guard for them and serves any cached code to any size; yet Inductor generates code
     from the size hints of the compilation and the guards of its shape environment (a reduction's
-    split, a persistent reduction for a size known to be small). Keyed by the layout, a cached
+    split, a persistent reduction for a size known to be small; on a CPU, whether a reduction's loop
+    is split among threads). Measured at 2 threads: a kernel of two sums compiled first for 1000
+    elements (our guards then ask a new compilation for 10M) was served the 1000-element code, one
+    thread, 5.9 ms a call on 10M elements against 3.1 ms keyed by layout. Keyed by the layout, a cached
     compilation is only reused for the arguments it was made for (other layouts then reuse it in
     this process only if its own guards admit them: ``_Signature.compiled_for``)."""
 
