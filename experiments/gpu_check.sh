@@ -4,9 +4,12 @@
 #      without synchronising with the host (CUDA's sync debug mode);
 #   2. the benchmark's GPU rows: the optimizer step table on GPT-2 124M shapes (fused AdamW
 #      baseline), the whole train step in bf16 autocast (tokens/s, peak memory) and the memory table;
-#   3. experiments/gpu_diag.py: the fused steps per way of compiling and packing, and the eager
-#      hyper step per chunk size (time, kernels, peak memory).
-# About 6 minutes on an H100 (tests ~2, benchmark ~2, diagnosis ~1.5, with compilation).
+#   3. experiments/gpu_diag.py: the fused steps per way of compiling and packing (does packing more
+#      pay on a GPU, where the hyper step is bound by its ~1500 kernel launches?), and the eager
+#      hyper step per chunk size (time, kernels, peak memory, the host's top functions).
+# About 6-7 minutes on an H100 (tests ~2.5, benchmark ~2, diagnosis ~1.5, with compilation). The
+# tests run first and fill Inductor's cache: the benchmark after them is also the check that a
+# kernel compiled for small tensors is not served to GPT-2's (optimizers.compiled._LayoutKey).
 # Each part has its own time limit, and the benchmark writes its report after every phase, so a run
 # cut short keeps what it finished. Results go to $OUT (default runs/gpu).
 #
@@ -29,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,tem
     | tee "$OUT/nvidia_smi.txt"
 $PY -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-170}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 echo "tests: $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-360}" $PY -m experiments.bench_step --all --device cuda --models gpt2_124m \
@@ -38,7 +41,7 @@ timeout "${BENCH_TIMEOUT:-360}" $PY -m experiments.bench_step --all --device cud
     | grep -v "^USDT"
 echo "benchmark: $(( $(date +%s) - start )) s"
 start=$(date +%s)  # 3. where the fused steps' time goes (experiments/gpu_diag.py; its profile tables stay in /tmp)
-timeout "${DIAG_TIMEOUT:-150}" $PY -m experiments.gpu_diag --variants "${DIAG_VARIANTS:-default,dynamo,pack=1048576}" \
+timeout "${DIAG_TIMEOUT:-150}" $PY -m experiments.gpu_diag --variants "${DIAG_VARIANTS:-default,pack=1048576,pack=4194304}" \
     --out /tmp/gpu_diag 2>&1 | tee "$OUT/gpu_diag.log" | grep -v "^USDT"
 cp /tmp/gpu_diag/diag.json "$OUT/gpu_diag.json" 2>/dev/null
 echo "diagnosis: $(( $(date +%s) - start )) s"
