@@ -147,3 +147,32 @@ def test_fused_steps_on_the_gpu_do_not_synchronise_with_the_host(hyper):
             torch.cuda.set_sync_debug_mode("default")
     assert all(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fused_hyper_kernels_first_compiled_for_small_tensors_are_right_on_large_ones():
+    """Inductor generates a kernel's reductions for the size it compiles for (on a GPU the split of
+    each sum, or a persistent reduction for a size known to be small), and its cache keeps no guard on
+    our symbolic sizes. So the hypergradients of a 2^22-element parameter, from fused kernels first
+    compiled in this process for 300 elements, must equal the eager engine's on the same device. A
+    kernel served the small tensor's code sums too little; an H100 run did this before the cache was
+    keyed by layout (``optimizers.compiled._LayoutKey``)."""
+    def run(n, fused):
+        gen = torch.Generator().manual_seed(n)
+        p = torch.randn(n, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+        opt = H.HyperOptimizer([p], "mada", lr=1e-2, fused=fused, **MADA_INTERIOR)
+        for k in range(2):  # the second step's hypergradient: the vjp kernel on the large tensor (later
+            # steps would compare coefficients moved by hypergradients that sum 2^22 terms: chaotic)
+            p.grad = torch.sin((k + 1) * p.detach()) + 0.1 * p.detach()
+            opt.step()
+        return p.detach(), opt
+
+    run(300, True)  # the fused kernels' first compilation: a small tensor
+    fused, eager = run(1 << 22, True)[1].hypergradients(), run(1 << 22, False)[1].hypergradients()
+    # Sums of 2^22 terms in another order: equal to rounding relative to the largest (beta1's is zero
+    # but for rounding at this step, m being zero before it). The coefficients and parameters after
+    # the step are not compared: the hyper-optimizer's first Adam step moves a coefficient by its lr
+    # whatever the size of its hypergradient, rounding noise included.
+    scale = max(a.abs().max() for a in eager.values())
+    assert scale > 1.0
+    for name, a in eager.items():
+        assert (fused[name].cpu() - a.cpu()).abs().max() <= 1e-10 * scale, (name, fused[name], a)
