@@ -5,7 +5,8 @@ Oracles: the CPU run of the same optimizer in float64 (which the other modules c
 torch.func, torch.optim, ``higher`` and finite differences), and ``torch.optim`` on the same GPU.
 On the GPU the fused kernels are Triton code (Inductor's direct compilation for contiguous tensors,
 Dynamo's for strided ones: ``TensorKernel``'s two routes), not the CPU's C++ loops, so these tests
-are what checks that code. They passed on an H100 (``experiments/gpu_check.sh``).
+are what checks that code. They passed on an H100 at 2cb781e (``experiments/gpu_check.sh``), before
+the last test and the CUDA size classes of ``optimizers.compiled`` (not run on a GPU yet).
 
 Run them on a GPU machine with ``python -m pytest tests/test_cuda.py``. ``HYPERGRAD_TEST_DEVICE=cpu``
 runs the comparisons with the CPU in the GPU's place (a check of the tests themselves, not of a GPU).
