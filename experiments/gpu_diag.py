@@ -14,8 +14,10 @@ Variants (``--variants``, comma-separated; each builds fresh optimizers, so fres
 * ``static``: ``torch.compile`` with static shapes, one compilation per tensor size;
 * ``sized``: Inductor's direct route with static sizes (one compilation per argument layout): a
   reduction's split is then sized for the tensor it runs on, not for the first one compiled;
-* ``pack=N``: the default route, packing tensors below N elements (an H100 run once made the fused
-  hyper step 23x slower with 2^22 and runs capped at 2^25; this variant is there to find out why).
+* ``pack=N``: the default route, packing tensors below N elements (fewer, longer kernel calls: does
+  that pay on a GPU, where the hyper step is bound by its launches? An H100 run once measured the
+  fused hyper step 23x slower with 2^22, but that came from Inductor's cache, not the packing:
+  ``optimizers.compiled._LayoutKey``).
 
 Each candidate runs ``--warmup`` steps, then ``--steps`` timed ones (median; device synchronised),
 then two under torch.profiler, whose top kernels by device time are kept with the number of device
@@ -171,8 +173,9 @@ def main(argv=None) -> dict:
             name = graph.__class__.__name__
             if any(w in name for w in wanted):
                 code = getattr(compiled._inductor_graph(compiled_fn), "source_code", None) or ""
-                n = len(list(args.out.glob(f"source_{v}_{name}_*.py")))
-                (args.out / f"source_{v.replace('=', '')}_{name}_{n}.py").write_text(code)
+                stem = f"source_{v.replace('=', '')}_{name}"
+                n = len(list(args.out.glob(f"{stem}_*.py")))
+                (args.out / f"{stem}_{n}.py").write_text(code)
             return real_bare(graph, compiled_fn, n_args)
         return bare_call
 

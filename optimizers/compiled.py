@@ -374,12 +374,12 @@ def _guard_size_class(fakes: Sequence[Tensor], args: Sequence[Tensor]) -> None:
     ``4^k <= n < 4^(k+1)``: a compilation then serves only sizes within a factor of 4 of its own.
 
     Why: Inductor sizes a Triton reduction's split (how many blocks share one sum) from the size
-    hint of the compilation, records no guard for it, and its on-disk cache (FxGraphCache) serves
-    the compiled code to any size its guards admit, in later processes too. On an H100 the
-    hypergradient's kernel, first compiled by tests/test_cuda.py on small tensors (one block per
-    sum), then took 744 of a 750 ms fused hyper step on GPT-2 124M shapes; compiled for those
-    shapes in a fresh cache the step took 31 ms (experiments/gpu_diag.py). The guards recorded
-    here are part of the compilation's guards, ours and the cache's."""
+    hint of the compilation and records no guard for it, so a kernel compiled first for a small
+    tensor runs its sums on one block each for every size. On an H100 the hypergradient's kernel,
+    compiled for the small tensors of tests/test_cuda.py (then served by Inductor's cache, before
+    ``_LayoutKey``), took 744 of a 750 ms fused hyper step on GPT-2 124M shapes; compiled for those
+    shapes the step took 31 ms (experiments/gpu_diag.py). The class bounds recorded here join the
+    guards ``_Signature.compiled_for`` checks, so another class gets a compilation of its own."""
     for fake, real in zip(fakes, args):
         for size, n in zip(fake.shape, real.shape):
             if isinstance(size, torch.SymInt) and n > 0:
