@@ -406,16 +406,19 @@ def test_gpu_diag_runs_each_variant_and_restores_torch(tmp_path):
     from optimizers.compiled import SegmentPlan, TensorKernel
 
     before = (torch.compile, torch._dynamo.config.cache_size_limit, TensorKernel.__init__, adapter.SegmentPlan)
-    variants = ["default", "dynamo", "static", "sized", "pack=64"]
+    # ("dynamo" is left out: "static" patches all it does, TensorKernel's route, and torch.compile besides)
+    variants = ["default", "static", "sized", "pack=64"]
     report = gpu_diag.main(["--device", "cpu", "--model", "tiny", "--variants", ",".join(variants), "--steps", "2",
                             "--warmup", "1", "--eager-chunks", "none,1000", "--sources", "hyper_partial",
                             "--out", str(tmp_path)])
     # the direct route's compilations of the vjp kernel, their Inductor source kept (the sized variant:
-    # one per layout, of which the tiny model's two buckets have two)
+    # one per layout, of which the tiny model's two buckets have two; the others one or two, as the
+    # guards of the first admit the second bucket or not: a compilation served by Inductor's cache
+    # carries fewer guards than one made afresh, which records those of its lowering too)
     sources = {v: sorted(tmp_path.glob(f"source_{v}_hyper_partial_*.py")) for v in ("default", "sized", "pack64")}
-    assert len(sources["default"]) == 1 and len(sources["sized"]) == 2 and len(sources["pack64"]) >= 1, sources
+    assert len(sources["sized"]) == 2 and all(1 <= len(sources[v]) <= 2 for v in ("default", "pack64")), sources
     assert all("def call(" in f.read_text() for fs in sources.values() for f in fs)
-    assert not list(tmp_path.glob("source_dynamo_*")) and not list(tmp_path.glob("source_static_*"))
+    assert not list(tmp_path.glob("source_static_*"))  # (Dynamo's compilations: no direct source)
     assert (torch.compile, torch._dynamo.config.cache_size_limit, TensorKernel.__init__, adapter.SegmentPlan) == before
     assert adapter.SegmentPlan is SegmentPlan
     assert json.loads((tmp_path / "diag.json").read_text()) == json.loads(json.dumps(report))
