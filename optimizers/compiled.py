@@ -338,7 +338,13 @@ class _LayoutKey:
     elements (our guards then ask a new compilation for 10M) was served the 1000-element code, one
     thread, 5.9 ms a call on 10M elements against 3.1 ms keyed by layout. Keyed by the layout, a cached
     compilation is only reused for the arguments it was made for (other layouts then reuse it in
-    this process only if its own guards admit them: ``_Signature.compiled_for``)."""
+    this process only if its own guards admit them: ``_Signature.compiled_for``).
+
+    Left as it is: a compilation the cache serves carries the guards of its tracing but not those
+    its lowering recorded (a fresh one of the tiny model's vjp kernel was refused by the second
+    bucket, a cached one was not), so in this process it may serve a layout its lowering did not
+    plan for. On CUDA the size-class bounds (recorded before compiling) still keep each split
+    sized for its class; on a CPU the one such difference measured is the threading decision above."""
 
     def __init__(self, layout: Tuple, inner):
         self.layout, self.inner = layout, inner
