@@ -192,7 +192,7 @@ class BoundKernel:
         (or made) now. Preparing every call of a step first and then making them back to back keeps
         Python out of the gaps between kernels, where it runs cache-cold (``SegmentPlan``)."""
         kern = self.kernel
-        layout = (tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors), self._kinds)
+        layout = (_layout_of(tensors), self._kinds)
         hit = kern._calls.get(layout)
         if hit is None:
             if any(t.dim() == 0 for t in tensors):
@@ -324,6 +324,12 @@ def _bare_call(graph, compiled, n_args: int) -> Optional[Callable]:
     return bare
 
 
+def _layout_of(tensors: Sequence[Tensor]) -> Tuple:
+    """What a compilation depends on of its tensor arguments: dtype, shape, strides, storage offset
+    and device of each."""
+    return tuple((t.dtype, t.shape, t.stride(), t.storage_offset(), t.device) for t in tensors)
+
+
 class _LayoutKey:
     """A post-grad pass that changes nothing (it runs the one configured before it, if any): its
     ``uuid`` is part of the key under which Inductor caches a compilation (FxGraphCache and
@@ -358,17 +364,21 @@ class _LayoutKey:
         return None if self.inner is not None and inner is None else repr((self.layout, inner))
 
 
+@functools.lru_cache(maxsize=None)
+def _layout_key_pass() -> type:
+    """``_LayoutKey`` as the ``CustomGraphPass`` Inductor asks a pass to be (imported on first use: a
+    private torch API, whose failure sends a kernel to the Dynamo route like the rest of
+    ``_compile_direct``)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    return type("LayoutKey", (_LayoutKey, CustomGraphPass), {})
+
+
 def _cache_keyed_by_layout(args: Sequence[Tensor]):
     """A context in which Inductor's compilation caches are keyed by the layout of ``args`` too."""
     from torch._inductor import config
-    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    class LayoutKey(_LayoutKey, CustomGraphPass):  # (CustomGraphPass: what Inductor asks a pass to be)
-        pass
-
-    layout = tuple((tuple(a.shape), tuple(a.stride()), a.storage_offset(), str(a.dtype), str(a.device))
-                   for a in args)
-    return config.patch(post_grad_custom_post_pass=LayoutKey(layout, config.post_grad_custom_post_pass))
+    key = _layout_key_pass()(_layout_of(args), config.post_grad_custom_post_pass)
+    return config.patch(post_grad_custom_post_pass=key)
 
 
 # Devices whose compilations each serve one size class (``_guard_size_class``).
@@ -390,8 +400,9 @@ def _guard_size_class(fakes: Sequence[Tensor], args: Sequence[Tensor]) -> None:
         for size, n in zip(fake.shape, real.shape):
             if isinstance(size, torch.SymInt) and n > 0:
                 low = 1 << ((n.bit_length() - 1) // 2 * 2)
-                if not (size >= low and size < 4 * low):  # (evaluating a SymBool records its guard)
-                    raise AssertionError(f"size {n} outside its class [{low}, {4 * low})")
+                # evaluating a SymBool (true for the size compiled for) records it as a guard
+                bool(size >= low)
+                bool(size < 4 * low)
 
 
 def _compile_direct(graph, args: Sequence[Tensor], n_big: int
