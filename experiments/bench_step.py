@@ -91,7 +91,6 @@ except ImportError:  # not on Windows
 
 import hypergrad
 import optimizers
-from optimizers import expr as E
 from optimizers.compiled import TensorKernel
 from optimizers.prefetch import PREFETCH_BYTES
 from optimizers.functional import displacement, flat_buffer
@@ -526,10 +525,11 @@ def tensor_states(fam: optimizers.Family) -> List:
     return [s for s in fam.states if not s.scalar]
 
 
-def _grad_alias_states(fam: optimizers.Family) -> int:
-    """Buffers whose new value is the raw gradient itself (``g_prev = g``): on the eager hyper path the
-    recorded gradient copy becomes that buffer when the next step advances the state (no write)."""
-    return sum(1 for s in tensor_states(fam) if isinstance(s.definition, E.Input) and s.definition.kind == "grad")
+def fused_rotation(fam: optimizers.Family) -> int:
+    """1 where the fused hyper path rotates a family's gradient record into the state that is the
+    gradient (``Family.gradient_states``, MADA's g_prev; ``hypergrad.fused._update``), else 0: the
+    buffers it keeps (S + 2 - a) and the buffers its update writes (S + 2 - a)."""
+    return int(bool(fam.gradient_states))
 
 
 def eager_hyper_buffers(fam: optimizers.Family, weight_decay: float, mode: str) -> Tuple[int, bool]:
@@ -563,11 +563,16 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
         return {"buffers": float(S), "buffers_formula": f"S = {S}", "floor_bytes": float(2 * S + 3),
                 "floor_formula": f"2S+3 = {2 * S + 3}", "states": S}
     if info.kind == "hyper_fused":
+        a = fused_rotation(fam)
+        if a:  # the record rotates into g_prev's buffer (hypergrad.fused._update)
+            return {"buffers": float(S + 1), "buffers_formula": f"S+1 = {S + 1} (state, 1 g record)",
+                    "floor_bytes": float(3 * S + 6), "floor_formula": f"(S+2) vjp + (2S+4) update = {3 * S + 6}",
+                    "states": S}
         return {"buffers": float(S + 2), "buffers_formula": f"S+2 = {S + 2} (state, 2 g records)",
                 "floor_bytes": float(3 * S + 7), "floor_formula": f"(S+2) vjp + (2S+5) update = {3 * S + 7}",
                 "states": S}
     if info.kind == "hyper":
-        alias = _grad_alias_states(fam)
+        alias = len(fam.gradient_states)  # (g_prev = g: the recorded gradient becomes that buffer)
         total, count, xfrac, l2frac = 0, 0.0, 0.0, 0.0
         for g in groups or [{"params": [torch.empty(1)], "weight_decay": WEIGHT_DECAY}]:
             n = sum(p.numel() for p in g["params"])
@@ -903,11 +908,15 @@ def _rule_io(x, g, *states):
     x.add_(sum(states[1:], states[0]) * -1e-3)
 
 
-def _update_io(x, g, g_last, g_store, *states):
-    """Reads S + 3 buffers, writes S + 2 (the hyper update kernel's traffic): ``_rule_io`` on the
-    gradient difference, and the gradient recorded."""
-    _rule_io(x, g - g_last, *states)
-    g_store.copy_(g)
+def _update_io(x, g, g_last, *states):
+    """Reads S + 3 buffers, writes S + 1 (the hyper update kernel's traffic, rotating): ``_rule_io`` on
+    the gradient difference for all but the last buffer, which is read and receives the gradient (the
+    new record, in MADA's g_prev buffer)."""
+    d = g - g_last
+    for b in states[:-1]:
+        b.mul_(0.9).add_(d * 0.1)
+    x.add_(sum(states[1:], states[0]) * -1e-3)
+    states[-1].copy_(g)
 
 
 def _one_pass(family_, mode, names, learn, fixed_names, h_names, pre_ids):
@@ -960,10 +969,9 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     def placed(t, slot):  # as the optimizers place their buffers (optimizers.functional.flat_buffer)
         return flat_buffer(t.numel(), t.dtype, t.device, slot).copy_(t)
 
-    # x and g are the user's (the parameters and their gradients); the S states and the two gradient
-    # records are the optimizer's, in slots 1..S+2
+    # x and g are the user's (the parameters and their gradients); the S states and the gradient
+    # record are the optimizer's, in slots 1..S+1
     x, g, g_last = randn(1.0), randn(1e-2), placed(randn(1e-2), S + 1)
-    g_store = flat_buffer(numel, torch.float32, device, S + 2)
     states = [placed((torch.rand(numel, generator=gen) * 1e-4).to(**f32), k + 1) for k in range(S)]
     rule_states = {n: placed(b, k + 1) for k, (n, b) in enumerate(zip(names, states))}
     x_rule = x.clone()
@@ -976,13 +984,13 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     q = torch.stack([h[n] for n in learn]).to(torch.float32)
     vjp = kern.partial_for({n: v for n, v in h.items() if n not in learn}, t_old)
     pre, pre_old = kern.scalars(h, t), kern.scalars(h, t_old)
-    update = kern.update_for(h, t, pre, (h, t_old, pre_old), True)
+    update = kern.update_for(h, t, pre, (h, t_old, pre_old), True, rotate=True)  # as the library runs MADA
     rule = FusedKernel(fam, "decoupled")
     p_adamw = torch.nn.Parameter(x.clone())
     p_adamw.grad = g.clone()
     adamw = torch.optim.AdamW([p_adamw], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     io_states = [placed(b, k + 1) for k, b in enumerate(states)]
-    x_io, x_io_rule, g_io_store = x.clone(), x.clone(), placed(g_store, S + 2)
+    x_io, x_io_rule = x.clone(), x.clone()
     io_rule_states = [placed(b, k + 1) for k, b in enumerate(states)]
     fixed = {n: v for n, v in h.items() if n not in learn}
     one_pass = TensorKernel(_one_pass(fam, "decoupled", names, learn, tuple(fixed), tuple(h), tuple(pre)), "one_pass")
@@ -995,14 +1003,15 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     update_io, rule_io = TensorKernel(_update_io, "update_io"), TensorKernel(_rule_io, "rule_io")
     calls = {FUSED: adamw,
              "vjp": _Call(lambda: vjp(g_last, states, g, q)),
-             "update": _Call(lambda: update(x, g, states, g_last, g_store)),
+             "update": _Call(lambda: update(x, g, states, g_last, None)),
              "rule": _Call(lambda: rule([x_rule], [g], rule_states, h, 5.0)),
              "one_pass": _Call(lambda: one_pass_bound(x_one, g, *one_old, *one_new, g_last, g_one_store, q)),
              "vjp_io": _Call(lambda: vjp_io(g_last, g, *io_states)),
-             "update_io": _Call(lambda: update_io(x_io, g, g_last, g_io_store, *io_states)),
+             "update_io": _Call(lambda: update_io(x_io, g, g_last, *io_states)),
              "rule_io": _Call(lambda: rule_io(x_io_rule, g, *io_rule_states))}
-    floors = {FUSED: 7, "vjp": S + 2, "update": 2 * S + 5, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
-              "vjp_io": S + 2, "update_io": 2 * S + 5, "rule_io": 2 * S + 3}
+    a = fused_rotation(fam)
+    floors = {FUSED: 7, "vjp": S + 2, "update": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
+              "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3}
     return calls, floors, S, len(learn)
 
 
@@ -1016,7 +1025,8 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
     * ``vjp``: the partial hypergradient of the recorded update (reads the S buffers before it, its
       gradient and the new gradient: S + 2), ``HyperKernels.partial_for``;
     * ``update``: the model update that first advances the buffers past the recorded update, then
-      records this one (reads S + 3, writes S + 2), ``HyperKernels.update_for``;
+      records this one into g_prev's buffer (reads S + 3, writes S + 1: the rotation the library
+      runs for MADA), ``HyperKernels.update_for``;
     * ``rule``: the fixed-coefficient MADA update (2S + 3), ``FusedKernel``;
     * ``one_pass``: a what-if, not in the library (``_one_pass``): the vjp and the next update in one
       loop, as a scheme applying each hypergradient one step late could run them (2S + 5).
@@ -1712,11 +1722,13 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
     w("")
     w("*floor B/p*: parameter-sized buffers a step must read plus write at the least, for the algorithm as this "
       "path runs it (one pass per kernel, nothing cached): fused AdamW 7 (read p, g, m, v; write p, m, v); a rule "
-      "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); fused hyper-learning 3S+7: the vjp "
+      "with S buffers 2S+3 (read p, g and S buffers, write p and S buffers); fused hyper-learning 3S+7-a: the vjp "
       "kernel recomputes the last update from its recorded inputs (read g_old, the S buffers as they were before "
       "it, and the new gradient as cotangent: S+2), then the update reads the S buffers and g_old, advances the "
       "state past the recorded update, reads p and g, and writes the S buffers, the new gradient record and p "
-      "(2S+5); the eager hyper path (3S+6-a) reads the same S+2 in its vjp and writes the advanced state there "
+      "(2S+5-a; a = 1 for a rule with a state whose new value is the gradient, MADA's g_prev: that state is not "
+      "written, the old record's buffer becomes its buffer and the new record goes to its old one); the eager "
+      "hyper path (3S+6-a) reads the same S+2 in its vjp and writes the advanced state there "
       "(S, less the a states whose new value is the recorded gradient, which becomes their buffer: MADA's g_prev), "
       "then reads p, g and the S buffers and writes p and the gradient record (S+4), and also records a copy of x "
       "where its vjp reads it (+2: L2 decay, a rule that reads x, a learned lr). On a "
@@ -1748,8 +1760,10 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
           "`len(family.states)` parameter-sized buffers (scalar buffers, NAdam's running product, are not counted); "
           "both the eager path (chunk by chunk) and the fused path update them in place. Hyper-learning "
           "keeps, besides the S buffers, the inputs of the last update for the next step's vjp: the fused path "
-          "leaves the S buffers at the state before the last update (the next update advances them) and keeps two "
-          "gradient records used alternately (with L2 decay they hold g + wd x, so no copy of x): S+2. The eager "
+          "leaves the S buffers at the state before the last update (the next update advances them) and keeps the "
+          "gradient record (with L2 decay it holds g + wd x, so no copy of x): S+1 for a rule with a state whose new "
+          "value is the gradient (MADA's g_prev; the record and that state's buffer trade roles each step), S+2 "
+          "otherwise (two records used alternately: a kernel never overwrites the record it reads). The eager "
           "path also leaves the S buffers at the state before the last update (the next step's vjp computes the "
           "state after it anyway, and writes it in place) and keeps one copy of the gradient, plus a copy of x "
           "where its vjp reads it (L2 decay, a rule that reads x, a learned lr; decoupled or proximal decay with a "
@@ -1767,13 +1781,14 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
         _memory_rows(w, mem)
         w("Count per rule (analytic, parameter-sized buffers):")
         w("")
-        w("| rule | S (rule alone) | hyper-learning, fused path (S+2) | hyper-learning, eager path |")
+        w("| rule | S (rule alone) | hyper-learning, fused path (S+2-a) | hyper-learning, eager path |")
         w("|---|---:|---:|---:|")
         for rule in ["mada"] + list(RULE_KWARGS):
             fam = family(rule)
             S = len(tensor_states(fam))
             eager, _ = eager_hyper_buffers(fam, WEIGHT_DECAY, fam.weight_decay_mode)
-            fused = f"{S + 2}" if not any(s.scalar for s in fam.states) and not fam.uses_param else "n/a"
+            fused = (f"{S + 2 - fused_rotation(fam)}" if not any(s.scalar for s in fam.states) and not fam.uses_param
+                     else "n/a")
             w(f"| {rule} | {S} | {fused} | {eager} (with weight decay) |")
         w("")
 
@@ -1869,7 +1884,9 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
         w(f"Each kernel alone on one flat float32 tensor of {kt['numel'] / 1e6:.1f}M elements (no Python loop over "
           f"tensors, no packing), interleaved with fused AdamW on a tensor of the same size, {kt['steps']} timed "
           f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read); "
-          f"*update*: advance past the recorded update, apply and record this one ({2 * kt['states'] + 5}); "
+          f"*update*: advance past the recorded update, apply and record this one "
+          f"({kt['results']['update']['floor_bytes']:g}: the new record goes to g_prev's buffer, the library's "
+          f"rotation); "
           f"*rule*: the fixed-coefficient MADA update ({2 * kt['states'] + 3})."
           + (f" *one_pass* (a what-if, not in the library): the vjp and the next update in one loop, as a scheme that "
              f"applied each hypergradient one step late could run them (the update would not wait for this step's "
@@ -1949,7 +1966,8 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
           f"a core, so they are fetched from memory in both passes. The new gradient is read twice, the state before "
           f"the last update and its gradient (S + 1 buffers) at least once for the reduction, and the update moves "
           f"its own 2S + 3: {least} parameter-sized buffers per step (*floor B/p* {least}) against this scheme's "
-          f"{3 * S + 7} (which reads the recorded state again to advance it in place, and writes a gradient record). "
+          f"{res['vjp']['floor_bytes'] + res['update']['floor_bytes']:g} (which reads the recorded state again to "
+          f"advance it in place, and writes a gradient record). "
           f"Moved at the fastest rate any kernel of this table reached ({fastest:.1f} GB/s), {least} B/p take "
           f"{least_x:.2f}x fused AdamW's step"
           + (f": above the {TARGET_HYPER}x target before any arithmetic or per-call overhead."

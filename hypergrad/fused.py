@@ -12,10 +12,14 @@ Two compiled functions per (family, weight-decay mode), each called once per par
   needs exactly these. The next update first advances the buffers past the recorded update (it
   recomputes that state from them and the stored gradient, in the same loop) and writes them.
 
-So a hyper-learning step keeps S + 2 parameter-sized buffers (S: the rule's own; 2: the recorded
-gradient and the buffer the next one goes to, alternating, because a compiled kernel that reads a
-buffer into another one and overwrites it is miscompiled) and moves, per parameter, S + 2 reads in
-the vjp kernel, and S + 3 reads plus S + 2 writes in the update (every write in place): 3S + 7.
+For a rule with a state whose new value is the gradient itself (MADA's and Adan's g_prev:
+``Family.gradient_states``) the update that advances past a recorded one does not write that state:
+its advanced value is the recorded gradient, whose buffer becomes the state's, while the state's old
+buffer, read by the advance, receives the new record (``_update``'s ``rotate``). So a hyper-learning
+step keeps S + 1 parameter-sized buffers and moves, per parameter, S + 2 reads in the vjp kernel, and
+S + 3 reads plus S + 1 writes in the update (every write in place): 3S + 6. Other rules keep S + 2
+(the record and the buffer the next one goes to, alternating, because a compiled kernel that reads
+a buffer into another one and overwrites it is miscompiled) and move 3S + 7.
 """
 from __future__ import annotations
 
@@ -89,13 +93,19 @@ def _advance(family, mode, g_old, state, h_old, t_old, pre_old):
     return displacement(family, g_old, state, zero, h_old, t_old, mode, pre_old)[1]
 
 
-def _update(family, mode, names, x, g, states, g_last, g_store, h, t, precomputed, last):
+def _update(family, mode, names, x, g, states, g_last, g_store, h, t, precomputed, last, rotate=None):
     """The model update, in place, on buffers that hold either the current state or, ``last`` given
     (the recorded update's scalars ``(h, t, precomputed)``, its gradient ``g_last``), the state
     before the recorded update, which is advanced first. Recording (``g_store``): the buffers are
     left at the state before this update and its gradient goes to ``g_store`` (the next vjp needs
     exactly these); otherwise the buffers advance past it. ``g_store`` is never ``g_last``: a
-    buffer read into another one and overwritten in the same compiled kernel is miscompiled."""
+    buffer read into another one and overwritten in the same compiled kernel is miscompiled.
+
+    ``rotate`` (recording with ``last``, ``g_store`` None): the name of a state whose advanced value
+    is the recorded gradient itself (``Family.gradient_states``, MADA's g_prev). That state is not
+    written: the caller makes the buffer of ``g_last`` its buffer. Its old buffer, read here by the
+    advance, receives this update's gradient instead, and becomes the new record. One parameter-sized
+    buffer fewer (S + 1), and one stream fewer to write."""
     state = dict(zip(names, states))
     if last is not None:
         state = _advance(family, mode, g_last, state, *last)
@@ -103,10 +113,11 @@ def _update(family, mode, names, x, g, states, g_last, g_store, h, t, precompute
         g = g + h["weight_decay"] * x
         h = {**h, "weight_decay": torch.zeros_like(h["weight_decay"])}
     delta, new_state = displacement(family, g, state, x, h, t, mode, precomputed)
-    if g_store is None or last is not None:  # (recording from current buffers: they stay as they are)
-        kept = new_state if g_store is None else state
+    recording = g_store is not None or rotate is not None
+    if not recording or last is not None:  # (recording from current buffers: they stay as they are)
+        kept = state if recording else new_state
         for name, buf in zip(names, states):
-            buf.copy_(kept[name])
+            buf.copy_(g if name == rotate else kept[name])
     if g_store is not None:
         g_store.copy_(g)
     x.add_(delta)
@@ -128,6 +139,8 @@ class HyperKernels:
             raise ValueError(f"fused hyper-learning: family {family.name!r} has scalar buffers; use fused=False")
         self.family, self.mode, self.learn = family, mode, tuple(learn)
         self.names = family.state_names
+        # the state whose advanced value is the recorded gradient (MADA's g_prev): ``_update``'s rotate
+        self.gradient_state = family.gradient_states[0] if family.gradient_states else None
         self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
         self._kernels: Dict[tuple, TensorKernel] = {}
 
@@ -146,16 +159,18 @@ class HyperKernels:
         return kern
 
     def _update_kernel(self, h_names: Tuple[str, ...], pre_ids: Tuple[int, ...], record: bool,
-                       last_names: Optional[Tuple[Tuple[str, ...], Tuple[int, ...]]]) -> TensorKernel:
-        key = ("update", h_names, pre_ids, record, last_names)
+                       last_names: Optional[Tuple[Tuple[str, ...], Tuple[int, ...]]],
+                       rotate: Optional[str] = None) -> TensorKernel:
+        key = ("update", h_names, pre_ids, record, last_names, rotate)
         kern = self._kernels.get(key)
         if kern is None:
             family, mode, names, S, H = self.family, self.mode, self.names, len(self.names), len(h_names)
+            stores = record and rotate is None
 
             def update(x, g, *rest):
                 states, rest = rest[:S], rest[S:]
                 g_last, rest = (rest[0], rest[1:]) if last_names is not None else (None, rest)
-                g_store, rest = (rest[0], rest[1:]) if record else (None, rest)
+                g_store, rest = (rest[0], rest[1:]) if stores else (None, rest)
                 h, t, rest = dict(zip(h_names, rest[:H])), rest[H], rest[H + 1:]
                 pre, rest = dict(zip(pre_ids, rest[:len(pre_ids)])), rest[len(pre_ids):]
                 last = None
@@ -163,7 +178,7 @@ class HyperKernels:
                     h_last, pre_last = last_names
                     n = len(h_last)
                     last = (dict(zip(h_last, rest[:n])), rest[n], dict(zip(pre_last, rest[n + 1:])))
-                _update(family, mode, names, x, g, states, g_last, g_store, h, t, pre, last)
+                _update(family, mode, names, x, g, states, g_last, g_store, h, t, pre, last, rotate)
 
             kern = self._kernels[key] = TensorKernel(update, f"hyper_update_{self._tag}")
         return kern
@@ -189,25 +204,39 @@ class HyperKernels:
 
     def update(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Optional[Tensor],
                g_store: Optional[Tensor], h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
-               last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]] = None):
+               last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]] = None,
+               rotate: bool = False):
         """The model update of one tensor or packed run; see ``_update``. ``last``: ``(h, t,
         precomputed)`` of the recorded update when ``states`` hold the state before it (``g_last``:
-        its gradient); ``g_store``: where this update's gradient goes when it is recorded."""
-        self.update_for(h, t, precomputed, last, g_store is not None)(x, g, states, g_last, g_store)
+        its gradient); ``g_store``: where this update's gradient goes when it is recorded;
+        ``rotate`` (recording, with ``last``, no ``g_store``): it goes to the buffer of
+        ``self.gradient_state`` instead, whose role the caller gives to ``g_last``'s buffer."""
+        record = g_store is not None or rotate
+        self.update_for(h, t, precomputed, last, record, rotate)(x, g, states, g_last, g_store)
+
+    def can_rotate(self, last, record: bool) -> bool:
+        """Whether a recording update after a recorded one (``last``) can rotate its buffers (``_update``)."""
+        return record and last is not None and self.gradient_state is not None
 
     def update_for(self, h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
-                   last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]], record: bool):
+                   last: Optional[Tuple[Mapping[str, Tensor], Tensor, Mapping[int, Tensor]]], record: bool,
+                   rotate: bool = False):
         """``update`` with its scalars bound once: ``(x, g, states, g_last, g_store) -> None``, for every
-        segment of a bucket (``g_last`` given exactly when ``last`` is; ``g_store`` when recording;
-        ``.prepare(...)``: the call, to make later)."""
+        segment of a bucket (``g_last`` given exactly when ``last`` is; ``g_store`` when recording
+        without ``rotate``; ``.prepare(...)``: the call, to make later)."""
+        if rotate and not self.can_rotate(last, record):
+            raise ValueError(f"rotate needs record=True, the last update and a family with a state that is the "
+                             f"gradient (family {self.family.name!r}: {self.family.gradient_states})")
         last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
-        kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names)
+        kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names,
+                                   self.gradient_state if rotate else None)
         tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
         bound = kern.bind(*h.values(), t, *precomputed.values(), *tail)
+        stores = record and not rotate
 
         def arrange(x, g, states, g_last, g_store):
-            if (g_last is None) != (last is None) or (g_store is None) == record:
-                raise ValueError("g_last and last go together, and g_store with record")
+            if (g_last is None) != (last is None) or (g_store is None) == stores:
+                raise ValueError("g_last and last go together, and g_store with record (unless rotating)")
             return (x, g, *states, *(b for b in (g_last, g_store) if b is not None))
 
         return _Arranged(bound, arrange)

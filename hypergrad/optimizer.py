@@ -43,8 +43,8 @@ import torch.distributed as dist
 
 from optimizers import Family, Interval, Positive, dtensor, get_rule
 from optimizers.adapter import RuleOptimizer, displacement, flatten, needs_param, unflatten_like
-from optimizers.functional import (chunk_plan, chunk_spans, default_chunk_numel, device_scalar, flat_buffer, gather,
-                                  state_slice, write_state_)
+from optimizers.functional import (chunk_plan, chunk_spans, default_chunk_numel, device_scalar, flat_buffer, free_slot,
+                                  gather, state_slice, write_state_)
 from optimizers.compiled import SegmentPlan, cat_flat, segments
 
 from .fused import HyperKernels
@@ -909,7 +909,8 @@ class HyperOptimizer(RuleOptimizer):
         """The fused update. Recording, it leaves each bucket's buffers at the state *before* the
         update and stores only the gradient: the next step's vjp recomputes the update from exactly
         these, and the next update advances the buffers past it in its own loop. The step thus keeps
-        S + 2 parameter-sized buffers (S: the rule's; two gradient records, alternating) and writes
+        S + 1 parameter-sized buffers for a rule with a state that is the gradient (MADA's g_prev: the
+        record and that state's buffer trade roles), else S + 2 (two records, alternating), and writes
         them in place. (The vjp of this step has made the recorded buckets' buffers their records'.)"""
         plan = []
         for gi, group in enumerate(self.param_groups):
@@ -937,19 +938,26 @@ class HyperOptimizer(RuleOptimizer):
             last_rec = lagging.pop(key, None)
             last = None if last_rec is None else self._record_scalars(last_rec, kern)
             g_last = None if last_rec is None else last_rec["g"]
+            # Recording after a recorded update, a family with a state that is the gradient (MADA's
+            # g_prev) rotates: that state's buffer becomes the new record and the last record's buffer
+            # that state (``hypergrad.fused._update``): S + 1 buffers. Otherwise the gradient goes to a
+            # spare buffer, never the one the kernel reads as g_last: S + 2.
+            rotate = kern.can_rotate(last_rec, record)
+            spare = self._grad_record.setdefault(key, [])
             g_store = None
-            if record:  # two gradient buffers per bucket, alternating: never read and overwrite one
-                pair = self._grad_record.get(key)
-                if pair is None:
-                    S = len(self.family.state_names)  # (the state buffers take slots 1..S: flat_buffer)
-                    pair = self._grad_record[key] = [flat_buffer(sum(p.numel() for p in params), params[0].dtype,
-                                                                 params[0].device, S + 1 + i)
-                                                     for i in range(2)]
-                g_store = pair[1] if g_last is pair[0] else pair[0]
+            if record and not rotate:
+                g_store = next((b for b in spare if b is not g_last), None)
+                if g_store is None:
+                    in_use = [b for b in (*bucket.flat.values(), *spare, g_last) if b is not None and b.dim()]
+                    g_store = flat_buffer(sum(p.numel() for p in params), params[0].dtype, params[0].device,
+                                          free_slot(in_use, len(self.family.state_names) + 1))
+                else:
+                    spare.remove(g_store)
             state = dict(bucket.flat)
             now = self._step_scalars(fixed, params, float(step + 1), kern)
             grads = [p.grad for p in params]
-            kernel_of_set = {s: kern.update_for(*now[s], None if last is None else last[s], record) for s in now}
+            kernel_of_set = {s: kern.update_for(*now[s], None if last is None else last[s], record, rotate)
+                             for s in now}
             plan = self._plan(params)
             plan.check(params)
             state_views = [plan.views(state[m]) for m in names]
@@ -968,6 +976,12 @@ class HyperOptimizer(RuleOptimizer):
                 finish()
             for p in params:
                 self.state[p]["step"] = step + 1
+            if rotate:
+                g_store = state[kern.gradient_state]
+                self._install_state(bucket, {kern.gradient_state: g_last})
+                state = dict(bucket.flat)
+            elif g_last is not None:  # consumed: kept for a later recording step
+                spare.append(g_last)
             if record:
                 records.append({"params": params, "group": gi, "t": float(step + 1), "mode": mode, "fixed": fixed,
                                 "g": g_store, "x": None, "state": state, "scalars": now})
@@ -1209,7 +1223,8 @@ class HyperOptimizer(RuleOptimizer):
             for rec in hyper["records0"]:
                 ps = [params[i] for i in rec["params"]]
                 records.append({"params": ps, "group": int(rec["group"]), "t": float(rec["t"]), "mode": rec["mode"],
-                                "fixed": dict(rec["fixed"]), "g": rec["g"].detach().to(ps[0].device).clone(),
+                                "fixed": dict(rec["fixed"]),
+                                "g": _staggered_copy(rec["g"].to(ps[0].device), len(self.family.state_names) + 1),
                                 "x": rec["x"].detach().clone() if "x" in rec else None,
                                 "state": {n: _staggered_copy(rec["state"][n], slot)
                                           for slot, n in enumerate(self.family.state_names, start=1)}})

@@ -198,6 +198,14 @@ class Family:
         return tuple(s.name for s in self.states)
 
     @property
+    def gradient_states(self) -> Tuple[str, ...]:
+        """The parameter-sized states whose new value is the step's gradient itself, ``s_t = g_t``
+        (MADA's and Adan's ``g_prev``): a copy of the gradient, so a kept gradient can become that
+        buffer instead of being copied into it (the hyper-learning paths do)."""
+        return tuple(s.name for s in self.states
+                     if not s.scalar and isinstance(s.definition, E.Input) and s.definition.kind == "grad")
+
+    @property
     def learnable(self) -> Tuple[str, ...]:
         """Names of the coefficients learned by default."""
         return tuple(n for n, c in self.coefficients.items() if c.learnable)

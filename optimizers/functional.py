@@ -17,7 +17,7 @@ from .family import Family
 
 __all__ = ["flatten", "unflatten_like", "displacement", "needs_param", "apply_update", "CHUNK_NUMEL",
            "default_chunk_numel", "chunk_spans", "chunk_plan", "gather", "scatter_add_", "write_state_",
-           "state_slice", "flat_buffer", "STAGGER_BYTES", "device_tensor", "device_scalar"]
+           "state_slice", "flat_buffer", "free_slot", "STAGGER_BYTES", "device_tensor", "device_scalar"]
 
 
 def flatten(tensors: Sequence[Tensor], copy: bool = False) -> Tensor:
@@ -139,6 +139,14 @@ def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: int,
     if fill is not None:
         out.fill_(fill)
     return out
+
+
+def free_slot(buffers: Sequence[Tensor], first: int) -> int:
+    """The first ``flat_buffer`` slot from ``first`` on whose page offset none of ``buffers`` starts
+    at: a new buffer that streams through one loop with them, placed apart from each (buffers
+    trade roles on the fused hyper path, so their slots no longer follow their names)."""
+    used = {b.data_ptr() % _PAGE for b in buffers}
+    return next(k for k in range(first, first + len(used) + 1) if (64 + k * STAGGER_BYTES) % _PAGE not in used)
 
 
 def default_chunk_numel(chunk_numel: Optional[int], device: torch.device) -> Optional[int]:

@@ -95,6 +95,42 @@ def test_fused_hyper_learning_equals_the_functional_engine():
     assert (out[True][0][:6] - torch.tensor(list(MADA_INTERIOR.values()), dtype=torch.float64)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("rule", ["adan", "adam"])
+def test_fused_hyper_buffers_rotate_only_for_a_rule_with_a_gradient_state(rule):
+    """A rule with a state that is the gradient (Adan's prev_grad) keeps S + 1 buffers on the fused
+    path: the gradient record and that state's buffer trade roles each step. One without it (Adam)
+    keeps S + 2: two records, alternating. Both equal the torch.func engine in float64 over 8 steps,
+    a state_dict round trip in the middle."""
+    import hypergrad as H
+    from hypergrad.gradcheck import builtin_problem
+
+    fam = O.get_rule(rule)
+    S = len(fam.state_names)
+    out = {}
+    for fused in (False, True):
+        model, loss_fns = builtin_problem(8, seed=5)
+        opt = H.HyperOptimizer(model.parameters(), rule, lr=1e-2, weight_decay=0.1, fused=fused)
+        for k, loss_fn in enumerate(loss_fns):
+            if k == 4:  # a resumed optimizer: the loaded record becomes a buffer of the bucket
+                again = H.HyperOptimizer(model.parameters(), rule, lr=1e-2, weight_decay=0.1, fused=fused)
+                again.load_state_dict(opt.state_dict())
+                opt = again
+            opt.zero_grad()
+            loss_fn(model).backward()
+            opt.step()
+            if fused and k >= 1:
+                (bucket,) = opt._buckets.values()
+                (record,) = opt._records0
+                spare = opt._grad_record.get(tuple(map(id, bucket.params)), [])
+                kept = {b.untyped_storage().data_ptr() for b in (*bucket.flat.values(), record["g"], *spare)}
+                assert len(kept) == (S + 1 if fam.gradient_states else S + 2), k
+        out[fused] = (torch.cat([q.reshape(-1) for q in opt._q]),
+                      torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert fam.gradient_states == (("prev_grad",) if rule == "adan" else ())
+    for a, b in zip(out[False], out[True]):
+        assert (a - b).abs().max().item() <= 1e-10
+
+
 def test_fused_hyper_learning_rejects_unsupported_settings():
     import hypergrad as H
 
@@ -277,12 +313,14 @@ def test_fused_hyper_opt_state_reads_the_current_state():
             assert (opt_e.state[a]["m"] - clone.state[b]["m"]).abs().max().item() <= 1e-12
 
 
-@pytest.mark.parametrize("record,lagging", [(True, True), (True, False), (False, True), (False, False)])
-def test_fused_hyper_update_kernel_equals_its_eager_definition(record, lagging):
+@pytest.mark.parametrize("record,lagging,rotate", [(True, True, False), (True, True, True), (True, False, False),
+                                                   (False, True, False), (False, False, False)])
+def test_fused_hyper_update_kernel_equals_its_eager_definition(record, lagging, rotate):
     """Each variant of the compiled hyper update kernel (advance the buffers past the recorded
-    update or not; leave them before this update and store the gradient, or not) equals the eager
-    function it is traced from, in float64. Regression: a kernel that wrote the gradient buffer it
-    also copied into MADA's g_prev gave g_prev the new gradient once compiled."""
+    update or not; leave them before this update and store the gradient, or not; store it in
+    g_prev's buffer, rotating) equals the eager function it is traced from, in float64.
+    Regression: a kernel that wrote the gradient buffer it also copied into MADA's g_prev gave
+    g_prev the new gradient once compiled."""
     import hypergrad.fused as HF
 
     fam = O.get_rule("mada")
@@ -306,18 +344,28 @@ def test_fused_hyper_update_kernel_equals_its_eager_definition(record, lagging):
     outs = []
     for compiled in (True, False):
         xs, ss = x.clone(), [s.clone() for s in states]
-        g_store = torch.zeros(n, dtype=torch.float64) if record else None
+        g_store = torch.zeros(n, dtype=torch.float64) if record and not rotate else None
         gl = g_last.clone() if lagging else None
         if compiled:
-            kern.update(xs, g.clone(), ss, gl, g_store, h, t, pre, last)
+            kern.update(xs, g.clone(), ss, gl, g_store, h, t, pre, last, rotate=rotate)
         else:
-            HF._update(fam, "decoupled", names, xs, g.clone(), ss, gl, g_store, h, t, pre, last)
-        outs.append([xs, *ss] + ([g_store] if record else []))
+            HF._update(fam, "decoupled", names, xs, g.clone(), ss, gl, g_store, h, t, pre, last,
+                       "g_prev" if rotate else None)
+        outs.append([xs, *ss] + ([g_store] if g_store is not None else []))
     for a, b in zip(*outs):
         assert torch.isfinite(a).all()
         assert (a - b).abs().max().item() <= 1e-12
-    if record and lagging:  # the advanced g_prev is the recorded gradient, not the new one
-        assert torch.equal(outs[0][1 + names.index("g_prev")], g_last)
+    i = 1 + names.index("g_prev")
+    if record and lagging and not rotate:  # the advanced g_prev is the recorded gradient, not the new one
+        assert torch.equal(outs[0][i], g_last)
+    if rotate:  # g_prev's buffer holds the new record; the other buffers the advanced state, as without rotating
+        assert torch.equal(outs[0][i], g)
+        xs, ss, g_store = x.clone(), [s.clone() for s in states], torch.zeros(n, dtype=torch.float64)
+        kern.update(xs, g.clone(), ss, g_last.clone(), g_store, h, t, pre, last)
+        assert torch.equal(xs, outs[0][0]) and torch.equal(g_store, g)
+        assert all(torch.equal(a, b) for k, (a, b) in enumerate(zip(ss, outs[0][1:])) if k != i - 1)
+    with pytest.raises(ValueError, match="rotate needs record=True"):
+        kern.update_for(h, t, pre, None, True, rotate=True)
 
 
 def test_fused_hyper_learning_with_missing_gradients_equals_the_functional_engine():
@@ -796,8 +844,9 @@ def test_the_mada_kernels_prefetch_every_buffer_they_stream():
     """On the pinned torch, Inductor's loops for MADA's kernels have the shape ``add_prefetch``
     parses: the fixed update prefetches its 8 streams (x, g, 6 buffers); the vjp kernel its 8 (the
     recorded gradient, 6 buffers, the new gradient) and the small loop that writes its result; the
-    first recording update 9 (x, g, 6 buffers, the gradient record), the later ones 10 (and the last
-    record, read to advance the buffers). A torch whose code generation changes fails here instead
+    first recording update 9 (x, g, 6 buffers, the gradient record), the later ones 9 too (x, g, 6
+    buffers and the last record, read to advance the buffers; the new record goes to g_prev's
+    buffer, which is among the 6: ``hypergrad.fused._update``'s rotate). A torch whose code generation changes fails here instead
     of silently losing the hints. (A fresh process: one that has loaded the same compiled code
     already reuses it without compiling its source.)"""
     import json
@@ -813,7 +862,7 @@ def test_the_mada_kernels_prefetch_every_buffer_they_stream():
     streams = json.loads(out.stdout.strip().splitlines()[-1])
     assert streams["fused_mada_decoupled"] == [[8]]
     assert streams["hyper_partial_mada_decoupled"] == [[9]]
-    assert sorted(streams["hyper_update_mada_decoupled"]) == [[9], [10]]
+    assert sorted(streams["hyper_update_mada_decoupled"]) == [[9], [9]]
 
 
 # ----------------------------------------------------------------------- buffer placement (flat_buffer)
@@ -838,16 +887,30 @@ def test_flat_buffers_start_at_distinct_page_offsets(dtype):
     assert flat_buffer(n, dtype, torch.device("cpu"), 0).storage_offset() == 0
 
 
+def test_free_slot_places_a_new_buffer_apart_from_the_others():
+    """``free_slot``: the first slot from ``first`` on whose page offset no given buffer starts at
+    (on the fused hyper path buffers trade roles, so a slot no longer follows a name)."""
+    from optimizers.functional import flat_buffer, free_slot
+
+    n, cpu = (1 << 20) // 4, torch.device("cpu")  # 1 MiB of float32: staggered
+    held = [flat_buffer(n, torch.float32, cpu, k) for k in (1, 2, 4)]
+    assert free_slot(held, 1) == 3 and free_slot(held, 4) == 5 and free_slot([], 7) == 7
+    new = flat_buffer(n, torch.float32, cpu, free_slot(held, 1))
+    assert len({_page_offset(b) for b in held + [new]}) == 4
+
+
 def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
     import hypergrad as H
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 1024), nn.Tanh(), nn.Linear(1024, 512))  # 4 MiB buffers: staggered
     opt = H.MADA(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
 
-    def offsets(o):
+    def offsets(o):  # of the S + 1 buffers: the state and the gradient record (they trade roles each step)
         bucket = next(iter(o._buckets.values()))
         flat = [b for b in bucket.flat.values() if b.dim()]
-        return [_page_offset(b) for b in flat + next(iter(o._grad_record.values()))]
+        (record,) = o._records0
+        assert not any(o._grad_record.values())  # no spare buffer: the record rotates into g_prev's
+        return [_page_offset(b) for b in flat + [record["g"]]]
 
     def train(o, steps):
         for _ in range(steps):
@@ -856,11 +919,11 @@ def test_fused_hyper_buffers_are_staggered_and_survive_a_reload():
             o.step()
 
     train(opt, 3)
-    assert len(set(offsets(opt))) == len(O.get_rule("mada").state_names) + 2  # 6 states, 2 gradient records
+    assert len(set(offsets(opt))) == len(O.get_rule("mada").state_names) + 1  # 6 states, 1 gradient record
     again = H.MADA(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
     again.load_state_dict(opt.state_dict())
     train(again, 2)  # the loaded records' buffers became the buckets' ones
-    assert len(set(offsets(again))) == len(O.get_rule("mada").state_names) + 2
+    assert len(set(offsets(again))) == len(O.get_rule("mada").state_names) + 1
 
 
 def test_device_tensor_converts_numbers_lists_and_tensors():
