@@ -105,7 +105,9 @@ def _update(family, mode, names, x, g, states, g_last, g_store, h, t, precompute
     is the recorded gradient itself (``Family.gradient_states``, MADA's g_prev). That state is not
     written: the caller makes the buffer of ``g_last`` its buffer. Its old buffer, read here by the
     advance, receives this update's gradient instead, and becomes the new record. One parameter-sized
-    buffer fewer (S + 1), and one stream fewer to write."""
+    buffer fewer (S + 1), and one stream fewer to write. (What was miscompiled above is a buffer
+    *copied* into another and then overwritten; the old g_prev enters only arithmetic, Adan's
+    difference, and the kernel test checks the overwrite: tests/test_fused.py.)"""
     state = dict(zip(names, states))
     if last is not None:
         state = _advance(family, mode, g_last, state, *last)
@@ -214,8 +216,9 @@ class HyperKernels:
         record = g_store is not None or rotate
         self.update_for(h, t, precomputed, last, record, rotate)(x, g, states, g_last, g_store)
 
-    def can_rotate(self, last, record: bool) -> bool:
-        """Whether a recording update after a recorded one (``last``) can rotate its buffers (``_update``)."""
+    def can_rotate(self, last: Optional[object], record: bool) -> bool:
+        """Whether a recording update after a recorded one (``last``: its record or its scalars, None
+        if there was none) can rotate its buffers (``_update``)."""
         return record and last is not None and self.gradient_state is not None
 
     def update_for(self, h: Mapping[str, Tensor], t: Tensor, precomputed: Mapping[int, Tensor],
