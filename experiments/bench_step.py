@@ -562,15 +562,12 @@ def analytic(name: str, groups: Optional[List[dict]] = None) -> Optional[dict]:
     if info.kind in ("rule", "rule_fused"):
         return {"buffers": float(S), "buffers_formula": f"S = {S}", "floor_bytes": float(2 * S + 3),
                 "floor_formula": f"2S+3 = {2 * S + 3}", "states": S}
-    if info.kind == "hyper_fused":
+    if info.kind == "hyper_fused":  # a = 1: the record rotates into g_prev's buffer (hypergrad.fused._update)
         a = fused_rotation(fam)
-        if a:  # the record rotates into g_prev's buffer (hypergrad.fused._update)
-            return {"buffers": float(S + 1), "buffers_formula": f"S+1 = {S + 1} (state, 1 g record)",
-                    "floor_bytes": float(3 * S + 6), "floor_formula": f"(S+2) vjp + (2S+4) update = {3 * S + 6}",
-                    "states": S}
-        return {"buffers": float(S + 2), "buffers_formula": f"S+2 = {S + 2} (state, 2 g records)",
-                "floor_bytes": float(3 * S + 7), "floor_formula": f"(S+2) vjp + (2S+5) update = {3 * S + 7}",
-                "states": S}
+        return {"buffers": float(S + 2 - a), "buffers_formula": f"S+{2 - a} = {S + 2 - a} (state, {2 - a} g record"
+                                                                f"{'s' if a == 0 else ''})",
+                "floor_bytes": float(3 * S + 7 - a),
+                "floor_formula": f"(S+2) vjp + (2S+{5 - a}) update = {3 * S + 7 - a}", "states": S}
     if info.kind == "hyper":
         alias = len(fam.gradient_states)  # (g_prev = g: the recorded gradient becomes that buffer)
         total, count, xfrac, l2frac = 0, 0.0, 0.0, 0.0
