@@ -1,13 +1,17 @@
 """Software prefetch for the CPU loops Inductor generates for our kernels.
 
 Why: an optimizer kernel is one loop streaming many buffers (MADA's update: 8 read, 7 written; the
-fused hyper-learning step's two kernels: 8 and 9 read). On the machine of docs/performance.md (one
-thread of a 2-core Xeon VM), that loop moved 22 GB/s, the same as ``torch.optim.AdamW(fused=True)``
+fused hyper-learning step's two kernels: 8 and 9 read). On the machine of docs/performance_xeon.md
+(one thread of a 2-core Xeon VM), that loop moved 22 GB/s, the same as ``torch.optim.AdamW(fused=True)``
 with its 4 streams, while a loop with MADA's streams and no arithmetic moved 27 GB/s. The ~60 vector
 operations per 16 elements fill the out-of-order window, so fewer cache misses are in flight than
 the memory could serve, and the hardware prefetchers do not run far enough ahead of 15 streams.
 One prefetch instruction per stream and cache line, ``PREFETCH_BYTES`` ahead of the loop, lifts that
 loop to 26-29 GB/s (MADA's update: 2.1x -> 1.8x fused AdamW on a 10.5M flat tensor).
+On a 2-core AMD EPYC (Zen 4) VM (docs/performance.md) the kernels with next to no arithmetic ran
+faster without the hints (MADA's update traffic: ~14 ms against ~18-23 on 10.5M elements) and
+the real ones and the whole optimizer steps within the run-to-run noise of that machine: the hints
+are kept, a per-CPU choice left for when it is measured on a quiet machine.
 
 A prefetch is a hint: it changes no value (the kernels' outputs stay bit for bit the same, checked
 in tests/test_fused.py) and never faults, even past the end of a buffer.
