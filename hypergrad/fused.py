@@ -74,37 +74,14 @@ def _partial(family, mode, names, learn, g_old, old_states, cotangent, q, fixed,
         precomputed = {**constant, **dict(zip(varying, sv))}
         return displacement(family, g_old, state, zero, coefficients(qv), t, mode, precomputed)[0]
 
-    # Each learned coefficient enters the per-element vjp as a tensor of the parameter's shape (q[i]
-    # broadcast, in the parameters' dtype), and so does each hoisted scalar that reads one: their
-    # cotangents are then one value per element, the sum of what every use contributes. A scalar's is
-    # folded into the coefficients it reads by its 0-D derivative (``derivative``, computed once), so
-    # the loop reduces one sum per learned coefficient. Differentiated as 0-D values, every use and
-    # every scalar is reduced on its own (MADA: 13 sums in the loop instead of 6, each one more
-    # accumulation per element).
-    q_el = tuple(q[i].to(g_old.dtype).expand(g_old.shape) for i in range(len(learn)))
     if varying:
-        scalars = scalars_of(q)
-        reads = family.scalar_coefficients()
-        # d scalar / d q_i, only for the coefficients a scalar reads: one 0-D forward-mode derivative
-        # per such coefficient (a Jacobian of them all would be vectors, and loops of their own)
-        derivative = {}
-        for i, n in enumerate(learn):
-            if any(n in reads[uid] for uid in varying):
-                one_hot = (torch.arange(len(learn), device=q.device) == i).to(q.dtype)
-                _, tangents = torch.func.jvp(scalars_of, (q,), (one_hot,))
-                derivative[i] = tuple(map(_materialized, tangents))
-        s_el = tuple(_materialized(v).to(g_old.dtype).expand(g_old.shape) for v in scalars)
-        _, vjp_fn = torch.func.vjp(delta_of, q_el, s_el)
-        per_coefficient, per_scalar = vjp_fn(cotangent)
-        per_coefficient = list(per_coefficient)
-        for k, uid in enumerate(varying):
-            for i, n in enumerate(learn):
-                if n in reads[uid]:
-                    per_coefficient[i] = per_coefficient[i] + per_scalar[k] * derivative[i][k]
+        scalars, scalars_vjp = torch.func.vjp(scalars_of, q)
+        _, vjp_fn = torch.func.vjp(delta_of, q, tuple(map(_materialized, scalars)))
+        partial_q, partial_s = vjp_fn(cotangent)
+        partial = partial_q + scalars_vjp(partial_s)[0]
     else:
-        _, vjp_fn = torch.func.vjp(lambda qe: delta_of(qe, ()), q_el)
-        per_coefficient = vjp_fn(cotangent)[0]
-    partial = torch.stack([e.sum() for e in per_coefficient])
+        _, vjp_fn = torch.func.vjp(lambda qv: delta_of(qv, ()), q)
+        partial = vjp_fn(cotangent)[0]
     return partial, cotangent_sum
 
 

@@ -136,26 +136,10 @@ class TensorKernel:
         example = [*tensors, *stacked]
         with torch.no_grad():  # an optimizer kernel: no autograd graph to record around it
             graph = make_fx(unpacked, tracing_mode="symbolic")(*example)  # fake copies: nothing is written
-        # Checks the autograd engine made while a vjp was traced (``aten.is_same_size``,
-        # ``aten._has_same_storage_numel`` of two gradients it adds) are recorded with their result
-        # unused; their bool cannot be in a Dynamo graph ("torch.* op returned non-Tensor"), so these
-        # dead checks are dropped.
-        dead = [n for n in graph.graph.nodes if not n.users and _is_dead_check(n)]
-        for node in dead:
-            graph.graph.erase_node(node)
-        if dead:
-            graph.recompile()
         graph.__class__.__name__ = self.name  # names the kernel in profiles and compile logs
         direct = self.route == "inductor" or (self.route == "auto" and all(
             t.device.type in ("cpu", "cuda") and t.is_contiguous() for t in example))
         return _Signature(graph, len(tensors), direct, self.name)
-
-
-def _is_dead_check(node) -> bool:
-    """Whether ``node`` calls an operator that writes nothing and returns only a bool."""
-    schema = getattr(node.target, "_schema", None)
-    return (node.op == "call_function" and schema is not None and not schema.is_mutable
-            and len(schema.returns) == 1 and str(schema.returns[0].type) == "bool")
 
 
 def scalar_groups(scalars: Sequence[object], device: Optional[torch.device] = None) -> List[List[int]]:
