@@ -15,7 +15,7 @@ On the CPU the graph goes to Inductor directly, without Dynamo (whose frame eval
 still cost ~60 us per call): Inductor compiles it for symbolic sizes and storage offsets, and the
 few guards that compilation assumed are evaluated once per distinct argument layout. Measured:
 a fused Adam step on the 10.7M-parameter char GPT (26 kernel calls) went from 1.69x to 1.28x
-``torch.optim.AdamW(fused=True)`` (docs/performance.md).
+``torch.optim.AdamW(fused=True)`` (on the Xeon VM of docs/performance_xeon.md, at the time).
 
 Kernels compiled on that route also prefetch the buffers they stream (``optimizers.prefetch``):
 a loop of many streams and much arithmetic otherwise leaves memory bandwidth unused. And they are
