@@ -134,7 +134,7 @@ def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device, slot: int,
     pad = _PAGE // size
     base = torch.empty(numel + pad, dtype=dtype, device=device)
     start = base.data_ptr() % _PAGE
-    want = (64 + slot * STAGGER_BYTES) % _PAGE  # (the allocator's own offset is 64)
+    want = _slot_offset(slot)
     out = base[((want - start) % _PAGE) // size:][:numel]
     if fill is not None:
         out.fill_(fill)
@@ -146,7 +146,12 @@ def free_slot(buffers: Sequence[Tensor], first: int) -> int:
     at: a new buffer that streams through one loop with them, placed apart from each (buffers
     trade roles on the fused hyper path, so their slots no longer follow their names)."""
     used = {b.data_ptr() % _PAGE for b in buffers}
-    return next(k for k in range(first, first + len(used) + 1) if (64 + k * STAGGER_BYTES) % _PAGE not in used)
+    return next(k for k in range(first, first + len(used) + 1) if _slot_offset(k) not in used)
+
+
+def _slot_offset(slot: int) -> int:
+    """Where in its page ``flat_buffer`` starts a buffer of ``slot`` (the allocator's own offset is 64)."""
+    return (64 + slot * STAGGER_BYTES) % _PAGE
 
 
 def default_chunk_numel(chunk_numel: Optional[int], device: torch.device) -> Optional[int]:

@@ -746,6 +746,21 @@ def test_add_prefetch_hints_every_contiguous_stream_of_the_vectorized_loops():
         add_prefetch(_PREFETCH_SOURCE, distance=0)
 
 
+def _run_fresh(code: str) -> str:
+    """``code`` run by a fresh interpreter in the repository root (one that has not loaded any compiled
+    kernel yet: a process that has reuses it without compiling its source); its stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 _HINTED_CASE = """
 import torch
 from optimizers.compiled import TensorKernel
@@ -772,23 +787,15 @@ def test_prefetching_kernels_are_compiled_with_hints_and_equal_eager(tmp_path):
     without them (in a fresh process, where ``add_prefetch`` is switched off: one that has loaded the
     compiled code reuses it), and eager's to rounding (compiled code may fuse a multiply and an add
     that eager rounds apart: 1 ulp in 10 of 10007 elements on an AMD EPYC Zen 4, none on a Xeon)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     hinted = {}
     exec(_HINTED_CASE, hinted)
     assert hinted["kern"].prefetched_streams() == [[4]]  # x, g, m, v
     for a, b in zip(hinted["args"], hinted["expected"]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    root, out_file = Path(__file__).resolve().parents[1], tmp_path / "unhinted.pt"
-    probe = ("import optimizers.prefetch as prefetch\n"
-             "prefetch.add_prefetch = lambda source, distance=prefetch.PREFETCH_BYTES: (source, 0)\n"
-             + _HINTED_CASE + f"\nassert kern.prefetched_streams() == [[0]]\ntorch.save(args, {str(out_file)!r})\n")
-    run = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    assert run.returncode == 0, run.stderr[-3000:]
+    out_file = tmp_path / "unhinted.pt"
+    _run_fresh("import optimizers.prefetch as prefetch\n"
+               "prefetch.add_prefetch = lambda source, distance=prefetch.PREFETCH_BYTES: (source, 0)\n"
+               + _HINTED_CASE + f"\nassert kern.prefetched_streams() == [[0]]\ntorch.save(args, {str(out_file)!r})\n")
     unhinted = torch.load(out_file)
     assert all(torch.equal(a, b) for a, b in zip(hinted["args"], unhinted))
 
@@ -875,16 +882,8 @@ def test_the_mada_kernels_prefetch_every_buffer_they_stream():
     of silently losing the hints. (A fresh process: one that has loaded the same compiled code
     already reuses it without compiling its source.)"""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _PREFETCH_PROBE], cwd=root, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-3000:]
-    streams = json.loads(out.stdout.strip().splitlines()[-1])
+    streams = json.loads(_run_fresh(_PREFETCH_PROBE).strip().splitlines()[-1])
     assert streams["fused_mada_decoupled"] == [[8]]
     assert streams["hyper_partial_mada_decoupled"] == [[9]]
     assert sorted(streams["hyper_update_mada_decoupled"]) == [[9], [9]]
