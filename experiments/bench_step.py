@@ -213,6 +213,9 @@ register("mada_hyper_fused", _mada_hyper(True), info=CandidateInfo("hyper_fused"
 register("mada_tower2_fused", _mada_hyper(True, TOWER2), info=CandidateInfo("hyper_fused", "mada", 2))
 # The fused hyper step without the per-step non-finite check (nonfinite="ignore"): what that check costs.
 register("mada_hyper_fused_nocheck", _mada_hyper(True, nonfinite="ignore"), info=CandidateInfo("hyper_fused", "mada", 1))
+# The fused hyper step with the compiled torch.func vjp instead of MADA's hand-written CPU kernel
+# (hypergrad.native): what that kernel gains.
+register("mada_hyper_fused_compiled_vjp", _mada_hyper(True, native=False), info=CandidateInfo("hyper_fused", "mada", 1))
 
 
 def _check_rules_covered() -> None:
@@ -235,7 +238,7 @@ def _share_kernels(opt) -> None:
         opt._kernels = _KERNEL_CACHE.setdefault(key, opt._kernels)
     learn = getattr(opt, "learn", None)
     if learn and isinstance(getattr(opt, "_hyper_kernels", None), dict):
-        key = ("hyper", id(fam), tuple(learn))
+        key = ("hyper", id(fam), tuple(learn), getattr(opt, "native", True))
         opt._hyper_kernels = _KERNEL_CACHE.setdefault(key, opt._hyper_kernels)
 
 
@@ -952,6 +955,7 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
                   ) -> Tuple[Dict[str, object], Dict[str, int], int, int]:
     """The calls of ``kernel_table`` on tensors of ``numel`` elements: ``(calls, floors B/p, S, reductions)``."""
     from hypergrad.fused import HyperKernels
+    from hypergrad.native import MadaPartial
     from optimizers.fused import FusedKernel
 
     fam = family("mada")
@@ -977,9 +981,12 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     h.update(beta3=torch.tensor(0.1, **f64), c=torch.tensor(0.9, **f64), gamma=torch.tensor(0.9, **f64),
              lr=torch.tensor(LR, **f64), weight_decay=torch.tensor(WEIGHT_DECAY, **f64))
     t_old, t = torch.tensor(4.0, **f64), torch.tensor(5.0, **f64)
-    kern = HyperKernels(fam, "decoupled", learn)
+    kern = HyperKernels(fam, "decoupled", learn)  # as the library runs it: MADA's native vjp on a CPU
     q = torch.stack([h[n] for n in learn]).to(torch.float32)
     vjp = kern.partial_for({n: v for n, v in h.items() if n not in learn}, t_old)
+    # the compiled torch.func vjp, which the native kernel replaces (where it does)
+    vjp_compiled = HyperKernels(fam, "decoupled", learn, native=False).partial_for(
+        {n: v for n, v in h.items() if n not in learn}, t_old)
     pre, pre_old = kern.scalars(h, t), kern.scalars(h, t_old)
     update = kern.update_for(h, t, pre, (h, t_old, pre_old), True, rotate=True)  # as the library runs MADA
     rule = FusedKernel(fam, "decoupled")
@@ -1000,6 +1007,7 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     update_io, rule_io = TensorKernel(_update_io, "update_io"), TensorKernel(_rule_io, "rule_io")
     calls = {FUSED: adamw,
              "vjp": _Call(lambda: vjp(g_last, states, g, q)),
+             "vjp_compiled": _Call(lambda: vjp_compiled(g_last, states, g, q)),
              "update": _Call(lambda: update(x, g, states, g_last, None)),
              "rule": _Call(lambda: rule([x_rule], [g], rule_states, h, 5.0)),
              "one_pass": _Call(lambda: one_pass_bound(x_one, g, *one_old, *one_new, g_last, g_one_store, q)),
@@ -1007,7 +1015,9 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
              "update_io": _Call(lambda: update_io(x_io, g, g_last, *io_states)),
              "rule_io": _Call(lambda: rule_io(x_io_rule, g, *io_rule_states))}
     a = fused_rotation(fam)
-    floors = {FUSED: 7, "vjp": S + 2, "update": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
+    if not isinstance(vjp, MadaPartial):  # no native kernel here: the two rows would be the same kernel
+        del calls["vjp_compiled"]
+    floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
               "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3}
     return calls, floors, S, len(learn)
 
@@ -1020,7 +1030,9 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
     ``torch.optim.AdamW(fused=True)`` on a tensor of the same size and with the plain MADA update kernel:
 
     * ``vjp``: the partial hypergradient of the recorded update (reads the S buffers before it, its
-      gradient and the new gradient: S + 2), ``HyperKernels.partial_for``;
+      gradient and the new gradient: S + 2), ``HyperKernels.partial_for``: on a CPU, MADA's
+      hand-written kernel (``hypergrad.native``) where it could be built;
+    * ``vjp_compiled``: the same with the compiled ``torch.func`` vjp it replaces (only where it does);
     * ``update``: the model update that first advances the buffers past the recorded update, then
       records this one into g_prev's buffer (reads S + 3, writes S + 1: the rotation the library
       runs for MADA), ``HyperKernels.update_for``;
@@ -1479,7 +1491,11 @@ def _findings(report: dict) -> List[str]:
                    f"{hy - nc:.1f} ms ({(hy - nc) / hy:.0%} of the step). The vjp kernel plus the in-place "
                    f"update ({nc:.1f} ms) cost {nc / mf:.2f}x the plain fused MADA update ({mf:.1f} ms), for "
                    f"{res[HYPER_MAIN].get('floor_bytes', 0) / res['mada_fused'].get('floor_bytes', 1):.2f}x its "
-                   f"floor bytes.")
+                   f"floor bytes."
+                   + (f" With the compiled torch.func vjp instead of the hand-written MADA kernel (native=False) the "
+                      f"step takes {res['mada_hyper_fused_compiled_vjp']['median_ms']:.1f} ms "
+                      f"({res['mada_hyper_fused_compiled_vjp']['ratio_to_fused']:.2f}x fused AdamW)."
+                      if "mada_hyper_fused_compiled_vjp" in res else ""))
     mem = report.get("memory", {}).get("results", {})
     if HYPER_MAIN in mem and "mada_hyper_fused_nocheck" in mem:
         out.append(f"Memory ({report['memory']['model']}): the non-finite check allocates "
@@ -1880,8 +1896,10 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
         w("")
         w(f"Each kernel alone on one flat float32 tensor of {kt['numel'] / 1e6:.1f}M elements (no Python loop over "
           f"tensors, no packing), interleaved with fused AdamW on a tensor of the same size, {kt['steps']} timed "
-          f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read); "
-          f"*update*: advance past the recorded update, apply and record this one "
+          f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read)"
+          + ("; on this CPU the library's hand-written MADA kernel (hypergrad.native), and *vjp_compiled* the "
+             "compiled torch.func vjp that it replaces; " if "vjp_compiled" in kt["results"] else "; ")
+          + f"*update*: advance past the recorded update, apply and record this one "
           f"({kt['results']['update']['floor_bytes']:g}: the new record goes to g_prev's buffer, the library's "
           f"rotation); "
           f"*rule*: the fixed-coefficient MADA update ({2 * kt['states'] + 3})."

@@ -32,6 +32,8 @@ from optimizers import Family
 from optimizers.compiled import TensorKernel
 from optimizers.functional import device_scalar, displacement
 
+from . import native as native_kernel
+
 __all__ = ["HyperKernels"]
 
 
@@ -132,9 +134,13 @@ class HyperKernels:
     a guard check of those tensors (the family and the hyperparameter names are baked in). The
     names of the hyperparameters fix the order of the scalar arguments; a kernel is built per
     distinct set of names (in practice one).
+
+    For MADA on the CPU, ``native`` (default) computes the partial hypergradient with the
+    hand-written kernel of ``hypergrad.native`` instead (``self.native``: whether it applies; it runs
+    where that kernel could be built).
     """
 
-    def __init__(self, family: Family, mode: str, learn: Sequence[str]):
+    def __init__(self, family: Family, mode: str, learn: Sequence[str], native: bool = True):
         if family.uses_param:
             raise ValueError(f"fused hyper-learning: family {family.name!r} reads the parameter x; use fused=False")
         if any(s.scalar for s in family.states):
@@ -145,6 +151,9 @@ class HyperKernels:
         self.gradient_state = family.gradient_states[0] if family.gradient_states else None
         self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
         self._kernels: Dict[tuple, TensorKernel] = {}
+        # MADA's vjp has a hand-written CPU kernel (hypergrad.native): its derivation holds for that
+        # expression, with x out of it (decoupled or L2 weight decay; not proximal, which scales it)
+        self.native = bool(native and mode in ("decoupled", "l2") and native_kernel.is_mada(family))
 
     def _partial_kernel(self, fixed_names: Tuple[str, ...]) -> TensorKernel:
         key = ("partial", fixed_names)
@@ -195,8 +204,15 @@ class HyperKernels:
         -> (partial, sum)``, for every segment of a record (``.prepare(...)``: the call, to make later)."""
         if self.mode == "l2":
             fixed = {**fixed, "weight_decay": torch.zeros_like(fixed["weight_decay"])}
-        bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)
-        return _Arranged(bound, lambda g_old, old_states, cotangent, q: (g_old, *old_states, cotangent, q))
+
+        def generic():
+            bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)
+            return _Arranged(bound, lambda g_old, old_states, cotangent, q: (g_old, *old_states, cotangent, q))
+
+        # (built on first use; tensors elsewhere, strided ones, go to generic())
+        if self.native and t.device.type == "cpu" and native_kernel.mada_partial_available():
+            return native_kernel.MadaPartial(self.names, self.learn, fixed, t, generic)
+        return generic()
 
     def scalars(self, h: Mapping[str, Tensor], t: Tensor) -> Dict[int, Tensor]:
         """Scalar subexpressions (bias corrections...) for ``update``: computed once per step and

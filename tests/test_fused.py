@@ -141,10 +141,12 @@ def test_fused_hyper_learning_rejects_unsupported_settings():
         H.MADA(p, fused=True, backend="graph")
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("point", ["interior", "adam", "lion"])
-def test_hoisted_vjp_kernel_equals_plain_vjp_of_displacement(point):
+def test_hoisted_vjp_kernel_equals_plain_vjp_of_displacement(point, native):
     """The compiled vjp kernel (scalar subexpressions hoisted out of the per-element work and chained
-    by a 0-D vjp) == ``torch.func.vjp`` of ``displacement`` itself, eager, float64."""
+    by a 0-D vjp) == ``torch.func.vjp`` of ``displacement`` itself, eager, float64; and so does the
+    hand-derived native kernel (``hypergrad.native``) that replaces it for MADA on the CPU."""
     from hypergrad.fused import HyperKernels
     from hypergrad.gradcheck import MADA_INTERIOR
     from optimizers.functional import displacement
@@ -173,7 +175,10 @@ def test_hoisted_vjp_kernel_equals_plain_vjp_of_displacement(point):
 
     _, vjp = torch.func.vjp(delta, q)
     (expected,) = vjp(cot)
-    kern = HyperKernels(family, "decoupled", learn)
+    kern = HyperKernels(family, "decoupled", learn, native=native)
+    if native:
+        from hypergrad.native import MadaPartial
+        assert isinstance(kern.partial_for(fixed, t), MadaPartial)
     partial, cot_sum = kern.partial_hypergradient(g_old, [state[k] for k in family.state_names], cot, q, fixed, t)
     assert expected.abs().max() > 0
     assert (partial - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
@@ -228,6 +233,13 @@ def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads)
     assert not torch.equal(before, torch.stack(list(opt.hypergradients().values())))  # it learned
 
 
+# The eager and the fused engines, float64, after a few hyper-learning steps on builtin_problem(8):
+# values of size ~0.1-1 agree to this. The hypergradients are sums with cancellation, each engine adds
+# in its own order, and the steps of the coefficients' Adam amplify the last bits (measured: the
+# compiled torch.func vjp ended 4.7e-13 from the eager engine, the native MADA kernel 1.4e-12).
+ENGINES_AGREE = 1e-11
+
+
 def test_fused_hyper_state_dict_holds_the_current_state():
     """The fused path keeps each recorded bucket at the state *before* its last update (the next vjp
     advances it); its state_dict must still carry the state after it, equal to the eager engine's
@@ -248,7 +260,7 @@ def test_fused_hyper_state_dict_holds_the_current_state():
     assert eager_state.keys() == fused_state.keys()
     for i in eager_state:
         for name in O.get_rule("mada").state_names:
-            assert (eager_state[i][name] - fused_state[i][name]).abs().max().item() <= 1e-12, (i, name)
+            assert (eager_state[i][name] - fused_state[i][name]).abs().max().item() <= ENGINES_AGREE, (i, name)
     assert fused_state[0]["m"].abs().max().item() > 0  # the comparison is not between zeros
     # Loaded into a fresh fused optimizer (from the eager file): it continues as the eager one does.
     model_e, loss_fns, opt_e, sd = runs[False]
@@ -262,13 +274,13 @@ def test_fused_hyper_state_dict_holds_the_current_state():
             loss_fn(model).backward()
             opt.step()
     for a, b in zip(model_e.parameters(), model_f.parameters()):
-        assert (a - b).abs().max().item() <= 1e-12
-    assert (torch.cat(opt_e._q) - torch.cat(opt_f._q)).abs().max().item() <= 1e-12
+        assert (a - b).abs().max().item() <= ENGINES_AGREE
+    assert (torch.cat(opt_e._q) - torch.cat(opt_f._q)).abs().max().item() <= ENGINES_AGREE
 
 
 def test_fused_hyper_opt_state_reads_the_current_state():
     """``opt.state[p]`` on the fused path reads the current state, as on the eager path, although the
-    recorded buckets' buffers lag one update behind (float64, equal to the eager engine's to 1e-12);
+    recorded buckets' buffers lag one update behind (float64, equal to the eager engine's to ENGINES_AGREE);
     the read does not disturb the run; a parameter that misses a step shows the same state before and
     after it; pickled or deep-copied, the state holds the current values."""
     import copy
@@ -298,8 +310,8 @@ def test_fused_hyper_opt_state_reads_the_current_state():
     assert opt_f._records0 is not None and type(opt_f.state[p_f[0]]).__name__ == "_ParamState"
     for a, b in zip(p_e, p_f):
         for n in names:
-            assert (opt_e.state[a][n] - opt_f.state[b][n]).abs().max().item() <= 1e-12, n
-            assert (dict(opt_e.state[a].items())[n] - opt_f.state[b].get(n)).abs().max().item() <= 1e-12, n
+            assert (opt_e.state[a][n] - opt_f.state[b][n]).abs().max().item() <= ENGINES_AGREE, n
+            assert (dict(opt_e.state[a].items())[n] - opt_f.state[b].get(n)).abs().max().item() <= ENGINES_AGREE, n
         assert opt_f.state[b]["step"] == opt_e.state[a]["step"]
     assert opt_f.state[p_f[0]]["m"].abs().max().item() > 0
     sd = opt_f.state_dict()["state"]
@@ -310,7 +322,7 @@ def test_fused_hyper_opt_state_reads_the_current_state():
         for b in clone.param_groups[0]["params"]:
             assert type(clone.state[b]) is dict
         for a, b in zip(p_e, clone.param_groups[0]["params"]):
-            assert (opt_e.state[a]["m"] - clone.state[b]["m"]).abs().max().item() <= 1e-12
+            assert (opt_e.state[a]["m"] - clone.state[b]["m"]).abs().max().item() <= ENGINES_AGREE
 
 
 @pytest.mark.parametrize("record,lagging,rotate", [(True, True, False), (True, True, True), (True, False, False),
@@ -858,7 +870,7 @@ _PREFETCH_PROBE = """
 import json, torch, hypergrad, optimizers
 x, y = torch.zeros(4096, requires_grad=True), torch.zeros(4096, requires_grad=True)
 rule = optimizers.RuleOptimizer([x], "mada", lr=1e-3, weight_decay=0.1, fused=True)
-hyper = hypergrad.HyperOptimizer([y], "mada", lr=1e-3, weight_decay=0.1, fused=True)
+hyper = hypergrad.HyperOptimizer([y], "mada", lr=1e-3, weight_decay=0.1, fused=True, native=False)
 for step in range(3):
     for p, opt in ((x, rule), (y, hyper)):
         p.grad = torch.full_like(p, 0.01 * (step + 1))
@@ -874,7 +886,8 @@ print(json.dumps(streams))
 
 def test_the_mada_kernels_prefetch_every_buffer_they_stream():
     """On the pinned torch, Inductor's loops for MADA's kernels have the shape ``add_prefetch``
-    parses: the fixed update prefetches its 8 streams (x, g, 6 buffers); the vjp kernel its 8 (the
+    parses: the fixed update prefetches its 8 streams (x, g, 6 buffers); the vjp kernel (compiled where
+    the native MADA kernel is not used: ``native=False`` here) its 8 (the
     recorded gradient, 6 buffers, the new gradient) and the small loop that writes its result; the
     first recording update 9 (x, g, 6 buffers, the gradient record), the later ones 9 too (x, g, 6
     buffers and the last record, read to advance the buffers; the new record goes to g_prev's

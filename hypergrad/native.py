@@ -1,0 +1,298 @@
+"""A hand-derived, hand-written CPU kernel for MADA's partial hypergradient.
+
+The fused hyper-learning step spends most of its time in one kernel: the vjp of the recorded
+update at the new gradient, ``g_{t+1}^T dDelta_t/dq``, a reduction over every parameter
+(``hypergrad.fused``). The generic path traces it with ``torch.func.vjp`` and compiles it with
+Inductor; on a CPU that loop is bound by its arithmetic, not by memory (docs/performance.md,
+table g). For the flagship family the derivative is short enough to write by hand. Here it is,
+with ``w = g_{t+1}``, ``a = -lr w`` and the state *before* the recorded update (``m, n, v_bar,
+v_tilde, lion_m, g_prev``) and its gradient ``g``::
+
+    forward (MADA, optimizers.rules.mada)            reverse (cotangent of each quantity)
+    d    = g - g_prev                                  A_     = a gamma r            (d num)
+    m'   = b1 m + (1-b1) g                             den_   = -A_ A                (d den)
+    n'   = b3 n + (1-b3) d                             v_     = den_ / (2 sqrt(v/bc2) bc2), 0 where v = 0
+    G    = (g + b3 d)^2,  s = sign(G - v_bar)          vb_    = v_ (rho + (1-rho)/t)
+    T    = c G + (1-c)(v_bar + G s)                    T_     = vb_ (1-b2)
+    vb'  = b2 v_bar + (1-b2) T                         G_     = T_ (c + (1-c) s)
+    vt'  = (vb' + (t-1) v_tilde) / t
+    v    = rho vb' + (1-rho) vt'                       dL/dgamma = sum a (A - sign(u))
+    num  = m'/bc1 + b3 n'                              dL/drho   = sum v_ (vb' - vt')
+    r    = 1 / (sqrt(v/bc2) + eps),  A = num r         dL/dc     = sum T_ (G - v_bar - G s)
+    u    = b1L lion_m + (1-b1L) g                      dL/db3    = sum G_ 2 (g + b3 d) d + A_ (n' + b3 (n - d))
+    Delta = -lr (gamma A + (1-gamma) sign(u) + wd x)   dL/db1    = sum A_ (m - g)/bc1 + sum(A_ m') t b1^(t-1)/bc1^2
+                                                       dL/db2    = sum vb_ (v_bar - T) + sum(v_ v) t b2^(t-1)/bc2
+
+(bc1 = 1 - b1^t, bc2 = 1 - b2^t; sign' = 0; the square root's derivative is 0 where v = 0, as
+``optimizers.expr._SafeSqrt`` defines it). ``x`` does not depend on the coefficients, so the weight
+decay drops out (``decoupled`` and ``l2``, whose record holds the effective gradient).
+
+Why by hand: Inductor's loop for the traced vjp is ~150 instructions per 16 elements, with 14
+running sums kept in memory (its cascade-summation helpers); this loop has 9 sums in registers and
+half the instructions. On the 2-core AMD EPYC VM, one thread, 10.5M float32 elements: 15.8 ms
+against 26.9 ms, and in cache 1.3 against 2.6 ns per element (``python -m experiments.bench_step
+--kernels``; fused AdamW's whole step: 6.4 ms).
+
+Precision: each 4096-element chunk is summed in the tensors' dtype (vectorized), the chunks in
+float64; threads (OpenMP, torch's thread count) take contiguous ranges of chunks and their sums are
+added in thread order, so a result depends only on the data and the thread count. Float64 tensors
+run the same loop in float64: tests/test_native.py checks it against ``torch.func.vjp`` of the
+family's own update (the DSL's, not this derivation) and the float32 kernel against the Inductor one.
+
+The library is compiled on first use with the system C compiler (``CC``, else ``gcc``/``cc``) into
+a cache directory (``HYPERGRAD_CACHE_DIR``, else ``<tmp>/hypergrad-<uid>``), keyed by the source,
+the flags, the compiler and the CPU (``-march=native``). Without a compiler, or if the build fails,
+a warning is logged once and the fused path uses the compiled ``torch.func`` vjp.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Callable, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from optimizers import Family
+
+log = logging.getLogger(__name__)
+
+__all__ = ["mada_partial_available", "is_mada", "MadaPartial", "MADA_COEFFICIENTS"]
+
+# The order of the kernel's outputs (and of q in it): the six learnable coefficients of rules.mada.
+MADA_COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
+# The scalars the kernel reads, in this order (float64): the six, then the fixed ones and the step.
+_SCALARS = MADA_COEFFICIENTS + ("beta1_lion", "eps", "lr", "t")
+
+_KERNEL = r"""
+/* See hypergrad/native.py for the equations. scalar_t: float or double. */
+void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* restrict g_prev,
+                         const scalar_t* restrict m, const scalar_t* restrict n, const scalar_t* restrict lion_m,
+                         const scalar_t* restrict v_bar, const scalar_t* restrict v_tilde,
+                         const scalar_t* restrict w, const double* restrict sc, double* restrict out,
+                         int threads) {
+  const double b1 = sc[0], b2 = sc[1], t = sc[9];
+  const double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
+  const scalar_t cb1 = (scalar_t)b1, cb2 = (scalar_t)b2, b3 = (scalar_t)sc[2], c = (scalar_t)sc[3];
+  const scalar_t rho = (scalar_t)sc[4], gamma = (scalar_t)sc[5], b1L = (scalar_t)sc[6], eps = (scalar_t)sc[7];
+  const scalar_t neg_lr = (scalar_t)(-sc[8]), inv_t = (scalar_t)(1.0 / t), t_minus_1 = (scalar_t)(t - 1.0);
+  const scalar_t inv_bc1 = (scalar_t)(1.0 / bc1), inv_bc2 = (scalar_t)(1.0 / bc2);
+  const scalar_t one = 1, half_inv_bc2 = (scalar_t)(0.5 / bc2), vb_weight = rho + (one - rho) * inv_t;
+  const int64_t chunks = (N + HG_CHUNK - 1) / HG_CHUNK;
+  double part[HG_MAX_THREADS][HG_SUMS];
+  int used = 1;
+  if (threads < 1 || N < HG_PARALLEL_MIN) threads = 1;
+  if (threads > HG_MAX_THREADS) threads = HG_MAX_THREADS;
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = chunks * tid / nt, hi = chunks * (tid + 1) / nt;
+    double acc[HG_SUMS] = {0};
+    for (int64_t chunk = lo; chunk < hi; chunk++) {
+      const int64_t begin = chunk * HG_CHUNK, end = begin + HG_CHUNK < N ? begin + HG_CHUNK : N;
+      scalar_t s_b1 = 0, s_b2 = 0, s_b3 = 0, s_c = 0, s_rho = 0, s_gamma = 0, s_bc1 = 0, s_bc2 = 0, s_w = 0;
+#pragma omp simd reduction(+:s_b1, s_b2, s_b3, s_c, s_rho, s_gamma, s_bc1, s_bc2, s_w)
+      for (int64_t i = begin; i < end; i++) {
+        const scalar_t gi = g[i], d = gi - g_prev[i], mi = m[i], ni = n[i], vbi = v_bar[i], wi = w[i];
+        const scalar_t m_new = cb1 * mi + (one - cb1) * gi, n_new = b3 * ni + (one - b3) * d;
+        const scalar_t g_hat = gi + b3 * d, G = g_hat * g_hat;
+        const scalar_t s = (scalar_t)(G - vbi > 0) - (scalar_t)(G - vbi < 0);
+        const scalar_t yogi = vbi + G * s, target = c * G + (one - c) * yogi;
+        const scalar_t vb_new = cb2 * vbi + (one - cb2) * target;
+        const scalar_t vt_new = (vb_new + t_minus_1 * v_tilde[i]) * inv_t;
+        const scalar_t v = rho * vb_new + (one - rho) * vt_new;
+        const scalar_t root = SQRT(v * inv_bc2), r = one / (root + eps);
+        const scalar_t A = (m_new * inv_bc1 + b3 * n_new) * r;
+        const scalar_t u = b1L * lion_m[i] + (one - b1L) * gi, su = (scalar_t)(u > 0) - (scalar_t)(u < 0);
+        const scalar_t a = neg_lr * wi, A_ = a * gamma * r;
+        const scalar_t v_ = root > 0 ? -A_ * A * half_inv_bc2 / root : 0;
+        const scalar_t vb_ = v_ * vb_weight, T_ = vb_ * (one - cb2), G_ = T_ * (c + (one - c) * s);
+        s_gamma += a * (A - su);
+        s_rho += v_ * (vb_new - vt_new);
+        s_c += T_ * (G - yogi);
+        s_b2 += vb_ * (vbi - target);
+        s_b3 += 2 * G_ * g_hat * d + A_ * (n_new + b3 * (ni - d));
+        s_b1 += A_ * inv_bc1 * (mi - gi);
+        s_bc1 += A_ * m_new;
+        s_bc2 += v_ * v;
+        s_w += wi;
+      }
+      acc[0] += s_b1; acc[1] += s_b2; acc[2] += s_b3; acc[3] += s_c; acc[4] += s_rho; acc[5] += s_gamma;
+      acc[6] += s_bc1; acc[7] += s_bc2; acc[8] += s_w;
+    }
+    for (int k = 0; k < HG_SUMS; k++) part[tid][k] = acc[k];
+    if (tid == 0) used = nt;
+  }
+  double total[HG_SUMS] = {0};
+  for (int tid = 0; tid < used; tid++)
+    for (int k = 0; k < HG_SUMS; k++) total[k] += part[tid][k];
+  /* the bias corrections' share: d(1/bc1)/db1 = t b1^(t-1) / bc1^2; d(v/bc2)/db2 through 1/bc2 */
+  out[0] = total[0] + total[6] * t * pow(b1, t - 1.0) / (bc1 * bc1);
+  out[1] = total[1] + total[7] * t * pow(b2, t - 1.0) / bc2;
+  for (int k = 2; k < 6; k++) out[k] = total[k];
+  out[6] = total[8];
+}
+"""
+
+_SOURCE = ("#include <math.h>\n#include <stdint.h>\n#include <omp.h>\n"
+           "#define HG_CHUNK 4096\n#define HG_SUMS 9\n#define HG_MAX_THREADS 256\n"
+           "#define HG_PARALLEL_MIN 65536\n"
+           + _KERNEL.replace("scalar_t", "float").replace("SUFFIX", "f32").replace("SQRT", "sqrtf")
+           + _KERNEL.replace("scalar_t", "double").replace("SUFFIX", "f64").replace("SQRT", "sqrt"))
+# -fno-math-errno: a vectorized sqrt (the NaN of a negative argument is kept, only errno is not set);
+# -ffp-contract=off: no fused multiply-adds, every operation rounds as torch's elementwise ops do.
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared")
+
+_lock = threading.Lock()
+_library: Optional[object] = None  # the loaded ctypes library, False once a build failed
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    return cc if cc else (shutil.which("gcc") or shutil.which("cc"))
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "\n".join([platform.machine(), platform.processor(), *lines])
+
+
+def _build() -> Optional[ctypes.CDLL]:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:24]
+    cache = os.environ.get("HYPERGRAD_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"hypergrad-{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, f"mada_partial_{key}.so")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, lib = os.path.join(tmp, "mada_partial.c"), os.path.join(tmp, "mada_partial.so")
+            with open(src, "w") as f:
+                f.write(_SOURCE)
+            done = subprocess.run([cc, *_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            os.replace(lib, path)  # atomic: a concurrent process sees the whole library or none
+    library = ctypes.CDLL(path)
+    for suffix in ("f32", "f64"):
+        fn = getattr(library, f"mada_partial_{suffix}")
+        fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10 + [ctypes.c_int]
+        fn.restype = None
+    return library
+
+
+def _load():
+    global _library
+    if _library is None:
+        with _lock:
+            if _library is None:
+                try:
+                    _library = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    log.warning("hypergrad.native: the MADA partial-hypergradient kernel is unavailable (%s); "
+                                "the fused path uses the compiled torch.func vjp", exc)
+                    _library = False
+    return _library or None
+
+
+def mada_partial_available() -> bool:
+    """Whether the native kernel could be built and loaded on this machine (builds it if needed)."""
+    return _load() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _mada_structure() -> Tuple:
+    from optimizers.rules import mada
+    return _structure(mada())
+
+
+def _structure(family: Family) -> Tuple:
+    """The family's update as data: its expression and its states' definitions (their ``repr`` spells
+    the whole tree), its coefficients and the constants substituted into it."""
+    return (repr(family.direction), tuple((s.name, repr(s.definition)) for s in family.states),
+            tuple(family.coefficients), tuple(sorted((k, repr(v)) for k, v in family.fixed.items())))
+
+
+def is_mada(family: Family) -> bool:
+    """Whether ``family`` computes exactly ``optimizers.rules.mada()``'s update (its name aside): the
+    kernel's derivation holds for that expression only."""
+    return _structure(family) == _mada_structure()
+
+
+class MadaPartial:
+    """``HyperKernels.partial_for`` for MADA: ``(g_old, old_states, cotangent, q) -> (partial, sum)``
+    with the scalars of one record bound (``fixed``: the hyperparameters not learned, ``t``: the
+    recorded update's step). ``partial`` (float64) is in the order of ``learn``, ``sum`` is the sum of
+    the cotangent (the non-finite check of the new gradient). A call whose tensors the kernel does
+    not take (not contiguous, not on the CPU, another dtype than float32/float64, different sizes)
+    goes to the generic kernel with the same scalars bound, which ``fallback()`` makes when first needed.
+    ``threads``: OpenMP threads of a call (default: ``torch.get_num_threads()`` at the call)."""
+
+    def __init__(self, names: Sequence[str], learn: Sequence[str], fixed: Mapping[str, Tensor], t: Tensor,
+                 fallback: Callable[[], object], threads: Optional[int] = None):
+        library = _load()
+        if library is None:
+            raise RuntimeError("the native MADA kernel is unavailable (see the warning logged)")
+        missing = [k for k in _SCALARS[:-1] if k not in fixed and k not in learn]
+        if missing or not set(learn) <= set(MADA_COEFFICIENTS):
+            raise ValueError(f"MadaPartial: learn={list(learn)} must be among {MADA_COEFFICIENTS} and the "
+                             f"hyperparameters {missing} must be given in fixed")
+        self._fns = {torch.float32: library.mada_partial_f32, torch.float64: library.mada_partial_f64}
+        # the kernel's buffer order, from the family's state order
+        self._order = [list(names).index(k) for k in ("g_prev", "m", "n", "lion_m", "v_bar", "v_tilde")]
+        self._learn_at = [MADA_COEFFICIENTS.index(k) for k in learn]
+        self._canonical = tuple(learn) == MADA_COEFFICIENTS
+        self._learn_index = torch.tensor(self._learn_at)
+        # the scalar vector: the learned entries come from q (per call), the others now
+        self._base = torch.stack([(t if k == "t" else fixed[k]).detach().to("cpu", torch.float64)
+                                  if k not in learn else torch.zeros((), dtype=torch.float64) for k in _SCALARS])
+        self._last_q: Optional[Tensor] = None
+        self._scalars: Optional[Tensor] = None
+        self._fallback, self._fallback_made, self.threads = fallback, None, threads
+
+    def _scalars_for(self, q: Tensor) -> Tensor:
+        if q is not self._last_q:  # one vector per coefficient set (its q is the same tensor for every segment)
+            sc = self._base.clone()
+            sc.index_copy_(0, self._learn_index, q.detach().to("cpu", torch.float64))
+            self._last_q, self._scalars = q, sc
+        return self._scalars
+
+    def __call__(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor):
+        return self.prepare(g_old, old_states, cotangent, q)()
+
+    def prepare(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor) -> Callable:
+        tensors = [g_old, *(old_states[i] for i in self._order), cotangent]
+        fn = self._fns.get(g_old.dtype)
+        n = g_old.numel()
+        if fn is None or q.device.type != "cpu" or any(
+                x.device.type != "cpu" or x.dtype != g_old.dtype or x.numel() != n or not x.is_contiguous()
+                for x in tensors):
+            if self._fallback_made is None:
+                self._fallback_made = self._fallback()
+            return self._fallback_made.prepare(g_old, old_states, cotangent, q)
+        sc = self._scalars_for(q)
+        threads = torch.get_num_threads() if self.threads is None else self.threads
+        args = (n, *(x.data_ptr() for x in tensors), sc.data_ptr())
+        keep = (tensors, sc)  # alive until the call is made
+        return functools.partial(self._run, fn, args, threads, keep)
+
+    def _run(self, fn, args, threads, keep):
+        out = torch.empty(7, dtype=torch.float64)
+        fn(*args, out.data_ptr(), threads)
+        partial = out[:6] if self._canonical else out[self._learn_index]
+        return partial, out[6]
