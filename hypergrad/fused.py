@@ -135,9 +135,9 @@ class HyperKernels:
     names of the hyperparameters fix the order of the scalar arguments; a kernel is built per
     distinct set of names (in practice one).
 
-    For MADA on the CPU, ``native`` (default) computes the partial hypergradient with the
-    hand-written kernel of ``hypergrad.native`` instead (``self.native``: whether it applies; it runs
-    where that kernel could be built).
+    For MADA on the CPU, ``native`` (default) computes the partial hypergradient, and the rotating
+    update with decoupled weight decay, with the hand-written kernels of ``hypergrad.native``
+    instead (``self.native``: whether they apply; they run where they could be built).
     """
 
     def __init__(self, family: Family, mode: str, learn: Sequence[str], native: bool = True):
@@ -210,7 +210,7 @@ class HyperKernels:
             return _Arranged(bound, lambda g_old, old_states, cotangent, q: (g_old, *old_states, cotangent, q))
 
         # (built on first use; tensors elsewhere, strided ones, go to generic())
-        if self.native and t.device.type == "cpu" and native_kernel.mada_partial_available():
+        if self.native and t.device.type == "cpu" and native_kernel.mada_kernels_available():
             return native_kernel.MadaPartial(self.names, self.learn, fixed, t, generic)
         return generic()
 
@@ -246,19 +246,26 @@ class HyperKernels:
         if rotate and not self.can_rotate(last, record):
             raise ValueError(f"rotate needs record=True, the last update and a family with a state that is the "
                              f"gradient (family {self.family.name!r}: {self.family.gradient_states})")
-        last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
-        kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names,
-                                   self.gradient_state if rotate else None)
-        tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
-        bound = kern.bind(*h.values(), t, *precomputed.values(), *tail)
-        stores = record and not rotate
+        def generic():
+            last_names = None if last is None else (tuple(last[0]), tuple(last[2]))
+            kern = self._update_kernel(tuple(h), tuple(precomputed), record, last_names,
+                                       self.gradient_state if rotate else None)
+            tail = () if last is None else (*last[0].values(), last[1], *last[2].values())
+            bound = kern.bind(*h.values(), t, *precomputed.values(), *tail)
+            stores = record and not rotate
 
-        def arrange(x, g, states, g_last, g_store):
-            if (g_last is None) != (last is None) or (g_store is None) == stores:
-                raise ValueError("g_last and last go together, and g_store with record (unless rotating)")
-            return (x, g, *states, *(b for b in (g_last, g_store) if b is not None))
+            def arrange(x, g, states, g_last, g_store):
+                if (g_last is None) != (last is None) or (g_store is None) == stores:
+                    raise ValueError("g_last and last go together, and g_store with record (unless rotating)")
+                return (x, g, *states, *(b for b in (g_last, g_store) if b is not None))
 
-        return _Arranged(bound, arrange)
+            return _Arranged(bound, arrange)
+
+        # MADA's rotating update (every step after the first) with decoupled decay has a native CPU kernel
+        if (rotate and self.native and self.mode == "decoupled" and t.device.type == "cpu"
+                and native_kernel.mada_kernels_available()):
+            return native_kernel.MadaUpdate(self.names, h, t, last[0], last[1], generic)
+        return generic()
 
     def advance(self, g_old: Tensor, states: Sequence[Tensor], h: Mapping[str, Tensor], t: Tensor,
                 precomputed: Mapping[int, Tensor]) -> Dict[str, Tensor]:

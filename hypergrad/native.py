@@ -1,12 +1,13 @@
-"""A hand-derived, hand-written CPU kernel for MADA's partial hypergradient.
+"""Hand-written CPU kernels for MADA's fused hyper-learning step: the partial hypergradient
+(hand-derived) and the update that advances past the recorded one.
 
-The fused hyper-learning step spends most of its time in one kernel: the vjp of the recorded
-update at the new gradient, ``g_{t+1}^T dDelta_t/dq``, a reduction over every parameter
-(``hypergrad.fused``). The generic path traces it with ``torch.func.vjp`` and compiles it with
-Inductor; on a CPU that loop is bound by its arithmetic, not by memory (docs/performance.md,
-table g). For the flagship family the derivative is short enough to write by hand. Here it is,
-with ``w = g_{t+1}``, ``a = -lr w`` and the state *before* the recorded update (``m, n, v_bar,
-v_tilde, lion_m, g_prev``) and its gradient ``g``::
+The fused hyper-learning step (``hypergrad.fused``) is two loops over every parameter: the vjp of
+the recorded update at the new gradient, ``g_{t+1}^T dDelta_t/dq`` (a reduction), and the update
+that first advances the buffers past the recorded update. The generic path traces both from the
+family's expression and compiles them with Inductor; on a CPU the vjp is bound by its arithmetic,
+not by memory (docs/performance.md, table g). For the flagship family both are short enough to
+write by hand. The partial hypergradient, with ``w = g_{t+1}``, ``a = -lr w`` and the state
+*before* the recorded update (``m, n, v_bar, v_tilde, lion_m, g_prev``) and its gradient ``g``::
 
     forward (MADA, optimizers.rules.mada)            reverse (cotangent of each quantity)
     d    = g - g_prev                                  A_     = a gamma r            (d num)
@@ -25,24 +26,31 @@ v_tilde, lion_m, g_prev``) and its gradient ``g``::
 
 (bc1 = 1 - b1^t, bc2 = 1 - b2^t; sign' = 0; the square root's derivative is 0 where v = 0, as
 ``optimizers.expr._SafeSqrt`` defines it). ``x`` does not depend on the coefficients, so the weight
-decay drops out (``decoupled`` and ``l2``, whose record holds the effective gradient).
+decay drops out (``decoupled`` and ``l2``, whose record holds the effective gradient). The update
+(``MadaUpdate``: decoupled decay, the rotating variant that the library runs at every step after the
+first) is the left column twice, with the recorded step's coefficients and then this step's, and
+``x += Delta``; the buffers keep the advanced state, g_prev's buffer the new gradient.
 
 Why by hand: Inductor's loop for the traced vjp is ~150 instructions per 16 elements, with 14
 running sums kept in memory (its cascade-summation helpers); this loop has 9 sums in registers and
-half the instructions. On the 2-core AMD EPYC VM, one thread, 10.5M float32 elements: 15.8 ms
-against 26.9 ms, and in cache 1.3 against 2.6 ns per element (``python -m experiments.bench_step
---kernels``; fused AdamW's whole step: 6.4 ms).
+about half the instructions. On the 2-core AMD EPYC VM, one thread, 10.5M float32 elements: vjp
+15.8 ms against 26.9 ms (in cache 1.3 against 2.6 ns per element), update 22.3 against 26.2 ms
+(fused AdamW's whole step: 6.4-8.1 ms in the same runs; ``python -m experiments.bench_step --all``,
+table g, measures them side by side).
 
-Precision: each 4096-element chunk is summed in the tensors' dtype (vectorized), the chunks in
-float64; threads (OpenMP, torch's thread count) take contiguous ranges of chunks and their sums are
-added in thread order, so a result depends only on the data and the thread count. Float64 tensors
-run the same loop in float64: tests/test_native.py checks it against ``torch.func.vjp`` of the
-family's own update (the DSL's, not this derivation) and the float32 kernel against the Inductor one.
+Precision: the update computes every quantity in the order of the DSL's expression (the one-minus
+coefficients and other scalars in float64, then rounded to the tensors' dtype, as the compiled
+kernels do): in float32 it equals the compiled kernel bit for bit. The vjp sums each 4096-element
+chunk in the tensors' dtype (vectorized) and the chunks in float64; threads (OpenMP, torch's thread
+count) take contiguous ranges and their sums are added in thread order, so a result depends only on
+the data and the thread count. Float64 tensors run the same loops in float64: tests/test_native.py
+checks the vjp against ``torch.func.vjp`` of the family's own update (the DSL's, not this
+derivation) and the update against its eager definition.
 
 The library is compiled on first use with the system C compiler (``CC``, else ``gcc``/``cc``) into
 a cache directory (``HYPERGRAD_CACHE_DIR``, else ``<tmp>/hypergrad-<uid>``), keyed by the source,
 the flags, the compiler and the CPU (``-march=native``). Without a compiler, or if the build fails,
-a warning is logged once and the fused path uses the compiled ``torch.func`` vjp.
+a warning is logged once and the fused path uses the compiled kernels.
 """
 from __future__ import annotations
 
@@ -65,7 +73,7 @@ from optimizers import Family
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mada_partial_available", "is_mada", "MadaPartial", "MADA_COEFFICIENTS"]
+__all__ = ["mada_kernels_available", "is_mada", "MadaPartial", "MadaUpdate", "MADA_COEFFICIENTS"]
 
 # The order of the kernel's outputs (and of q in it): the six learnable coefficients of rules.mada.
 MADA_COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
@@ -73,19 +81,22 @@ MADA_COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
 _SCALARS = MADA_COEFFICIENTS + ("beta1_lion", "eps", "lr", "t")
 
 _KERNEL = r"""
-/* See hypergrad/native.py for the equations. scalar_t: float or double. */
+/* See hypergrad/native.py for the equations. scalar_t: float or double. The one-minus coefficients
+   and the other scalars are computed in double and rounded once, as the compiled kernels do. */
+#define SIGN(x) ((scalar_t)((x) > 0) - (scalar_t)((x) < 0))
+
 void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* restrict g_prev,
                          const scalar_t* restrict m, const scalar_t* restrict n, const scalar_t* restrict lion_m,
                          const scalar_t* restrict v_bar, const scalar_t* restrict v_tilde,
                          const scalar_t* restrict w, const double* restrict sc, double* restrict out,
                          int threads) {
-  const double b1 = sc[0], b2 = sc[1], t = sc[9];
-  const double bc1 = 1.0 - pow(b1, t), bc2 = 1.0 - pow(b2, t);
-  const scalar_t cb1 = (scalar_t)b1, cb2 = (scalar_t)b2, b3 = (scalar_t)sc[2], c = (scalar_t)sc[3];
-  const scalar_t rho = (scalar_t)sc[4], gamma = (scalar_t)sc[5], b1L = (scalar_t)sc[6], eps = (scalar_t)sc[7];
-  const scalar_t neg_lr = (scalar_t)(-sc[8]), inv_t = (scalar_t)(1.0 / t), t_minus_1 = (scalar_t)(t - 1.0);
-  const scalar_t inv_bc1 = (scalar_t)(1.0 / bc1), inv_bc2 = (scalar_t)(1.0 / bc2);
-  const scalar_t one = 1, half_inv_bc2 = (scalar_t)(0.5 / bc2), vb_weight = rho + (one - rho) * inv_t;
+  /* sc: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, t */
+  const double t = sc[9], bc1 = 1.0 - pow(sc[0], t), bc2 = 1.0 - pow(sc[1], t);
+  const scalar_t b1 = sc[0], omb1 = 1.0 - sc[0], b2 = sc[1], omb2 = 1.0 - sc[1], b3 = sc[2], omb3 = 1.0 - sc[2];
+  const scalar_t c = sc[3], omc = 1.0 - sc[3], rho = sc[4], omrho = 1.0 - sc[4], gamma = sc[5];
+  const scalar_t b1L = sc[6], omb1L = 1.0 - sc[6], eps = sc[7], neg_lr = -sc[8];
+  const scalar_t inv_t = 1.0 / t, t_minus_1 = t - 1.0, inv_bc1 = 1.0 / bc1, inv_bc2 = 1.0 / bc2;
+  const scalar_t half_inv_bc2 = 0.5 / bc2, vb_weight = sc[4] + (1.0 - sc[4]) / t, one = 1;
   const int64_t chunks = (N + HG_CHUNK - 1) / HG_CHUNK;
   double part[HG_MAX_THREADS][HG_SUMS];
   int used = 1;
@@ -102,20 +113,19 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
 #pragma omp simd reduction(+:s_b1, s_b2, s_b3, s_c, s_rho, s_gamma, s_bc1, s_bc2, s_w)
       for (int64_t i = begin; i < end; i++) {
         const scalar_t gi = g[i], d = gi - g_prev[i], mi = m[i], ni = n[i], vbi = v_bar[i], wi = w[i];
-        const scalar_t m_new = cb1 * mi + (one - cb1) * gi, n_new = b3 * ni + (one - b3) * d;
-        const scalar_t g_hat = gi + b3 * d, G = g_hat * g_hat;
-        const scalar_t s = (scalar_t)(G - vbi > 0) - (scalar_t)(G - vbi < 0);
-        const scalar_t yogi = vbi + G * s, target = c * G + (one - c) * yogi;
-        const scalar_t vb_new = cb2 * vbi + (one - cb2) * target;
+        const scalar_t m_new = b1 * mi + omb1 * gi, n_new = b3 * ni + omb3 * d;
+        const scalar_t g_hat = gi + b3 * d, G = g_hat * g_hat, s = SIGN(G - vbi);
+        const scalar_t yogi = vbi + G * s, target = c * G + omc * yogi;
+        const scalar_t vb_new = b2 * vbi + omb2 * target;
         const scalar_t vt_new = (vb_new + t_minus_1 * v_tilde[i]) * inv_t;
-        const scalar_t v = rho * vb_new + (one - rho) * vt_new;
+        const scalar_t v = rho * vb_new + omrho * vt_new;
         const scalar_t root = SQRT(v * inv_bc2), r = one / (root + eps);
         const scalar_t A = (m_new * inv_bc1 + b3 * n_new) * r;
-        const scalar_t u = b1L * lion_m[i] + (one - b1L) * gi, su = (scalar_t)(u > 0) - (scalar_t)(u < 0);
+        const scalar_t u = b1L * lion_m[i] + omb1L * gi;
         const scalar_t a = neg_lr * wi, A_ = a * gamma * r;
         const scalar_t v_ = root > 0 ? -A_ * A * half_inv_bc2 / root : 0;
-        const scalar_t vb_ = v_ * vb_weight, T_ = vb_ * (one - cb2), G_ = T_ * (c + (one - c) * s);
-        s_gamma += a * (A - su);
+        const scalar_t vb_ = v_ * vb_weight, T_ = vb_ * omb2, G_ = T_ * (c + omc * s);
+        s_gamma += a * (A - SIGN(u));
         s_rho += v_ * (vb_new - vt_new);
         s_c += T_ * (G - yogi);
         s_b2 += vb_ * (vbi - target);
@@ -135,11 +145,53 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
   for (int tid = 0; tid < used; tid++)
     for (int k = 0; k < HG_SUMS; k++) total[k] += part[tid][k];
   /* the bias corrections' share: d(1/bc1)/db1 = t b1^(t-1) / bc1^2; d(v/bc2)/db2 through 1/bc2 */
-  out[0] = total[0] + total[6] * t * pow(b1, t - 1.0) / (bc1 * bc1);
-  out[1] = total[1] + total[7] * t * pow(b2, t - 1.0) / bc2;
+  out[0] = total[0] + total[6] * t * pow(sc[0], t - 1.0) / (bc1 * bc1);
+  out[1] = total[1] + total[7] * t * pow(sc[1], t - 1.0) / bc2;
   for (int k = 2; k < 6; k++) out[k] = total[k];
   out[6] = total[8];
 }
+
+void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* restrict g,
+                               const scalar_t* restrict g_last, scalar_t* restrict g_prev, scalar_t* restrict m,
+                               scalar_t* restrict n, scalar_t* restrict lion_m, scalar_t* restrict v_bar,
+                               scalar_t* restrict v_tilde, const double* restrict old, const double* restrict now,
+                               int threads) {
+  /* old (the recorded update): beta1, beta2, beta3, c, beta2_lion, t;
+     now: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, weight_decay, t */
+  const scalar_t ob1 = old[0], oomb1 = 1.0 - old[0], ob2 = old[1], oomb2 = 1.0 - old[1], ob3 = old[2];
+  const scalar_t oomb3 = 1.0 - old[2], oc = old[3], oomc = 1.0 - old[3], ob2L = old[4], oomb2L = 1.0 - old[4];
+  const scalar_t ot_minus_1 = old[5] - 1.0, oinv_t = 1.0 / old[5];
+  const double t = now[10];
+  const scalar_t b1 = now[0], omb1 = 1.0 - now[0], b2 = now[1], omb2 = 1.0 - now[1], b3 = now[2], omb3 = 1.0 - now[2];
+  const scalar_t c = now[3], omc = 1.0 - now[3], rho = now[4], omrho = 1.0 - now[4], gamma = now[5];
+  const scalar_t omgamma = 1.0 - now[5], b1L = now[6], omb1L = 1.0 - now[6], eps = now[7], neg_lr = -now[8];
+  const scalar_t wd = now[9], t_minus_1 = t - 1.0, inv_t = 1.0 / t;
+  const scalar_t inv_bc1 = 1.0 / (1.0 - pow(now[0], t)), inv_bc2 = 1.0 / (1.0 - pow(now[1], t)), one = 1;
+  if (threads < 1 || N < HG_PARALLEL_MIN) threads = 1;
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < N; i++) {
+    const scalar_t gl = g_last[i], gi = g[i], vb = v_bar[i];
+    /* advance past the recorded update (its gradient g_last) */
+    const scalar_t d_old = gl - g_prev[i];
+    const scalar_t m1 = ob1 * m[i] + oomb1 * gl, n1 = ob3 * n[i] + oomb3 * d_old;
+    const scalar_t lm1 = ob2L * lion_m[i] + oomb2L * gl;
+    const scalar_t gh_old = gl + ob3 * d_old, G_old = gh_old * gh_old, Y_old = vb + G_old * SIGN(G_old - vb);
+    const scalar_t vb1 = ob2 * vb + oomb2 * (oc * G_old + oomc * Y_old);
+    const scalar_t vt1 = (vb1 + ot_minus_1 * v_tilde[i]) * oinv_t;
+    /* this update, from the advanced state (whose g_prev is g_last) */
+    const scalar_t d = gi - gl, m2 = b1 * m1 + omb1 * gi, n2 = b3 * n1 + omb3 * d;
+    const scalar_t gh = gi + b3 * d, G = gh * gh, Y = vb1 + G * SIGN(G - vb1);
+    const scalar_t vb2 = b2 * vb1 + omb2 * (c * G + omc * Y), vt2 = (vb2 + t_minus_1 * vt1) * inv_t;
+    const scalar_t v = rho * vb2 + omrho * vt2;
+    const scalar_t A = (m2 * inv_bc1 + b3 * n2) * (one / (SQRT(v * inv_bc2) + eps));
+    const scalar_t u = b1L * lm1 + omb1L * gi, direction = gamma * A + omgamma * SIGN(u);
+    const scalar_t xi = x[i];
+    x[i] = xi + neg_lr * (direction + wd * xi);
+    m[i] = m1; n[i] = n1; lion_m[i] = lm1; v_bar[i] = vb1; v_tilde[i] = vt1;
+    g_prev[i] = gi; /* the new record: the caller gives g_prev's role to g_last's buffer */
+  }
+}
+#undef SIGN
 """
 
 _SOURCE = ("#include <math.h>\n#include <stdint.h>\n#include <omp.h>\n"
@@ -178,10 +230,10 @@ def _build() -> Optional[ctypes.CDLL]:
     key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:24]
     cache = os.environ.get("HYPERGRAD_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"hypergrad-{os.getuid()}")
     os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, f"mada_partial_{key}.so")
+    path = os.path.join(cache, f"mada_kernels_{key}.so")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, lib = os.path.join(tmp, "mada_partial.c"), os.path.join(tmp, "mada_partial.so")
+            src, lib = os.path.join(tmp, "mada_kernels.c"), os.path.join(tmp, "mada_kernels.so")
             with open(src, "w") as f:
                 f.write(_SOURCE)
             done = subprocess.run([cc, *_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True)
@@ -189,10 +241,11 @@ def _build() -> Optional[ctypes.CDLL]:
                 raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
             os.replace(lib, path)  # atomic: a concurrent process sees the whole library or none
     library = ctypes.CDLL(path)
-    for suffix in ("f32", "f64"):
-        fn = getattr(library, f"mada_partial_{suffix}")
-        fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 10 + [ctypes.c_int]
-        fn.restype = None
+    for suffix in ("f32", "f64"):  # (n, the buffers..., the scalars..., threads)
+        for name, pointers in (("mada_partial", 10), ("mada_update_rotate", 11)):
+            fn = getattr(library, f"{name}_{suffix}")
+            fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int]
+            fn.restype = None
     return library
 
 
@@ -204,14 +257,14 @@ def _load():
                 try:
                     _library = _build()
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    log.warning("hypergrad.native: the MADA partial-hypergradient kernel is unavailable (%s); "
-                                "the fused path uses the compiled torch.func vjp", exc)
+                    log.warning("hypergrad.native: the MADA kernels are unavailable (%s); the fused path uses the "
+                                "compiled kernels", exc)
                     _library = False
     return _library or None
 
 
-def mada_partial_available() -> bool:
-    """Whether the native kernel could be built and loaded on this machine (builds it if needed)."""
+def mada_kernels_available() -> bool:
+    """Whether the native kernels could be built and loaded on this machine (builds it if needed)."""
     return _load() is not None
 
 
@@ -234,36 +287,67 @@ def is_mada(family: Family) -> bool:
     return _structure(family) == _mada_structure()
 
 
-class MadaPartial:
+class _NativeCall:
+    """What the two kernels' Python sides share: the library's function per dtype, the check that a
+    call's tensors are ones the kernel takes, and the generic kernel for those it does not (made by
+    ``fallback()`` when first needed). ``threads``: OpenMP threads of a call (default:
+    ``torch.get_num_threads()`` at the call)."""
+
+    _STATES = ("g_prev", "m", "n", "lion_m", "v_bar", "v_tilde")  # the kernels' buffer order
+
+    def __init__(self, kernel: str, names: Sequence[str], fallback: Callable[[], object], threads: Optional[int]):
+        library = _load()
+        if library is None:
+            raise RuntimeError("the native MADA kernels are unavailable (see the warning logged)")
+        self._fns = {torch.float32: getattr(library, f"{kernel}_f32"), torch.float64: getattr(library, f"{kernel}_f64")}
+        self._order = [list(names).index(k) for k in self._STATES]
+        self._fallback, self._fallback_made, self.threads = fallback, None, threads
+
+    def _function(self, tensors: Sequence[Tensor]):
+        """The kernel for these tensors, or None if it does not take them: all contiguous CPU tensors of
+        one size and dtype, float32 or float64."""
+        first = tensors[0]
+        fn = self._fns.get(first.dtype)
+        if fn is None or any(x.device.type != "cpu" or x.dtype != first.dtype or x.numel() != first.numel()
+                             or not x.is_contiguous() for x in tensors):
+            return None
+        return fn
+
+    def _generic(self):
+        if self._fallback_made is None:
+            self._fallback_made = self._fallback()
+        return self._fallback_made
+
+    def _threads(self) -> int:
+        return torch.get_num_threads() if self.threads is None else self.threads
+
+
+def _float64(values: Sequence[Tensor]) -> Tensor:
+    return torch.stack([v.detach().to("cpu", torch.float64) for v in values])
+
+
+class MadaPartial(_NativeCall):
     """``HyperKernels.partial_for`` for MADA: ``(g_old, old_states, cotangent, q) -> (partial, sum)``
     with the scalars of one record bound (``fixed``: the hyperparameters not learned, ``t``: the
     recorded update's step). ``partial`` (float64) is in the order of ``learn``, ``sum`` is the sum of
     the cotangent (the non-finite check of the new gradient). A call whose tensors the kernel does
     not take (not contiguous, not on the CPU, another dtype than float32/float64, different sizes)
-    goes to the generic kernel with the same scalars bound, which ``fallback()`` makes when first needed.
-    ``threads``: OpenMP threads of a call (default: ``torch.get_num_threads()`` at the call)."""
+    goes to the generic kernel with the same scalars bound (``fallback()``)."""
 
     def __init__(self, names: Sequence[str], learn: Sequence[str], fixed: Mapping[str, Tensor], t: Tensor,
                  fallback: Callable[[], object], threads: Optional[int] = None):
-        library = _load()
-        if library is None:
-            raise RuntimeError("the native MADA kernel is unavailable (see the warning logged)")
+        super().__init__("mada_partial", names, fallback, threads)
         missing = [k for k in _SCALARS[:-1] if k not in fixed and k not in learn]
         if missing or not set(learn) <= set(MADA_COEFFICIENTS):
             raise ValueError(f"MadaPartial: learn={list(learn)} must be among {MADA_COEFFICIENTS} and the "
                              f"hyperparameters {missing} must be given in fixed")
-        self._fns = {torch.float32: library.mada_partial_f32, torch.float64: library.mada_partial_f64}
-        # the kernel's buffer order, from the family's state order
-        self._order = [list(names).index(k) for k in ("g_prev", "m", "n", "lion_m", "v_bar", "v_tilde")]
-        self._learn_at = [MADA_COEFFICIENTS.index(k) for k in learn]
+        self._learn_index = torch.tensor([MADA_COEFFICIENTS.index(k) for k in learn])
         self._canonical = tuple(learn) == MADA_COEFFICIENTS
-        self._learn_index = torch.tensor(self._learn_at)
         # the scalar vector: the learned entries come from q (per call), the others now
-        self._base = torch.stack([(t if k == "t" else fixed[k]).detach().to("cpu", torch.float64)
-                                  if k not in learn else torch.zeros((), dtype=torch.float64) for k in _SCALARS])
+        self._base = _float64([t if k == "t" else fixed[k] if k not in learn else torch.zeros(())
+                               for k in _SCALARS])
         self._last_q: Optional[Tensor] = None
         self._scalars: Optional[Tensor] = None
-        self._fallback, self._fallback_made, self.threads = fallback, None, threads
 
     def _scalars_for(self, q: Tensor) -> Tensor:
         if q is not self._last_q:  # one vector per coefficient set (its q is the same tensor for every segment)
@@ -276,23 +360,53 @@ class MadaPartial:
         return self.prepare(g_old, old_states, cotangent, q)()
 
     def prepare(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor) -> Callable:
+        """The call to make later (``SegmentPlan``: the calls of a step are prepared, then made back to back)."""
         tensors = [g_old, *(old_states[i] for i in self._order), cotangent]
-        fn = self._fns.get(g_old.dtype)
-        n = g_old.numel()
-        if fn is None or q.device.type != "cpu" or any(
-                x.device.type != "cpu" or x.dtype != g_old.dtype or x.numel() != n or not x.is_contiguous()
-                for x in tensors):
-            if self._fallback_made is None:
-                self._fallback_made = self._fallback()
-            return self._fallback_made.prepare(g_old, old_states, cotangent, q)
+        fn = self._function(tensors)
+        if fn is None or q.device.type != "cpu":
+            return self._generic().prepare(g_old, old_states, cotangent, q)
         sc = self._scalars_for(q)
-        threads = torch.get_num_threads() if self.threads is None else self.threads
-        args = (n, *(x.data_ptr() for x in tensors), sc.data_ptr())
-        keep = (tensors, sc)  # alive until the call is made
-        return functools.partial(self._run, fn, args, threads, keep)
+        args = (g_old.numel(), *(x.data_ptr() for x in tensors), sc.data_ptr())
+        return functools.partial(self._run, fn, args, self._threads(), (tensors, sc))  # (kept alive until the call)
 
     def _run(self, fn, args, threads, keep):
         out = torch.empty(7, dtype=torch.float64)
         fn(*args, out.data_ptr(), threads)
         partial = out[:6] if self._canonical else out[self._learn_index]
         return partial, out[6]
+
+
+class MadaUpdate(_NativeCall):
+    """``HyperKernels.update_for`` for MADA's rotating update with decoupled weight decay: ``(x, g,
+    states, g_last, g_store=None) -> None``, in place. The buffers hold the state before the recorded
+    update (``last = (h_last, t_last, ...)``, its gradient ``g_last``); they are advanced past it,
+    ``x`` takes this update (``h``, ``t``), and g_prev's buffer receives ``g`` (the new record: the
+    caller gives g_prev's role to ``g_last``'s buffer). Other calls go to ``fallback()``."""
+
+    _NOW = ("beta1", "beta2", "beta3", "c", "rho", "gamma", "beta1_lion", "eps", "lr", "weight_decay")
+    _OLD = ("beta1", "beta2", "beta3", "c", "beta2_lion")
+
+    def __init__(self, names: Sequence[str], h: Mapping[str, Tensor], t: Tensor, h_last: Mapping[str, Tensor],
+                 t_last: Tensor, fallback: Callable[[], object], threads: Optional[int] = None):
+        super().__init__("mada_update_rotate", names, fallback, threads)
+        self._now = _float64([h[k] for k in self._NOW] + [t])
+        self._old = _float64([h_last[k] for k in self._OLD] + [t_last])
+
+    def __call__(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Tensor, g_store: Optional[Tensor] = None):
+        self.prepare(x, g, states, g_last, g_store)()
+
+    def prepare(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Tensor,
+                g_store: Optional[Tensor] = None) -> Callable:
+        if g_last is None or g_store is not None:
+            raise ValueError("MadaUpdate (rotating): g_last is required and g_store must be None")
+        tensors = [x, g, g_last, *(states[i] for i in self._order)]
+        fn = self._function(tensors)
+        if fn is None:
+            return self._generic().prepare(x, g, states, g_last, g_store)
+        args = (x.numel(), *(b.data_ptr() for b in tensors), self._old.data_ptr(), self._now.data_ptr())
+        return functools.partial(self._run, fn, args, self._threads(), tensors)
+
+    def _run(self, fn, args, threads, tensors):
+        fn(*args, threads)
+        # what the compiled kernel's caller would see: the written tensors' versions move on
+        torch._C._increment_version([tensors[0], *tensors[3:]])

@@ -194,18 +194,28 @@ def _host_reads(opt) -> int:
     return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("nonfinite,reads", [("ignore", 0), ("skip", 1)])
-def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads):
+def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads, native, monkeypatch):
     """Issue 5: the hyper-learning step runs compiled kernels (fullgraph: a graph break is an error,
     and none is counted) and reads nothing back to the host, except the one documented read of the
-    non-finite policy ('skip' checks the gradient sums and hypergradients together)."""
+    non-finite policy ('skip' checks the gradient sums and hypergradients together). With
+    ``native=True`` (the default) the vjp and the rotating update are MADA's hand-written CPU
+    kernels (``hypergrad.native``, compiled C) and the first update the traced one."""
     import hypergrad as H
+    import hypergrad.native as N
     from hypergrad.gradcheck import builtin_problem
     from torch._dynamo.utils import counters
 
+    if native and not N.mada_kernels_available():
+        pytest.skip("no C compiler: the native kernels are not built")
+    native_calls = []
+    for cls in (N.MadaPartial, N.MadaUpdate):
+        run = cls._run
+        monkeypatch.setattr(cls, "_run", lambda *a, _run=run, _cls=cls: (native_calls.append(_cls), _run(*a))[1])
     counters.clear()
     model, loss_fns = builtin_problem(5, seed=1)
-    opt = H.MADA(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True, nonfinite=nonfinite)
+    opt = H.MADA(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True, nonfinite=nonfinite, native=native)
     fixed = O.build_optimizer("mada", [nn.Parameter(p.detach().clone()) for p in model.parameters()], lr=1e-2,
                               fused=True)
     for loss_fn in loss_fns[:3]:
@@ -224,8 +234,9 @@ def test_fused_hyper_step_compiles_fullgraph_without_host_sync(nonfinite, reads)
     # (on the CPU directly, without Dynamo: make_fx traces the whole kernel or fails, so no break)
     kernels = [k for hk in opt._hyper_kernels.values() for k in hk._kernels.values()]
     kernels += [k for fk in fixed._kernels.values() for k in fk._kernels.values()]
-    assert len(kernels) >= 3 and all(k.compiled_graphs() >= 1 for k in kernels)
+    assert len(kernels) >= (2 if native else 3) and all(k.compiled_graphs() >= 1 for k in kernels)
     assert all(route == "inductor" for k in kernels for route in k.routes())
+    assert set(native_calls) == ({N.MadaPartial, N.MadaUpdate} if native else set())
     before = torch.stack(list(opt.hypergradients().values())).clone()
     opt.zero_grad()
     loss_fns[4](model).backward()

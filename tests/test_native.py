@@ -18,7 +18,7 @@ from hypergrad.gradcheck import MADA_INTERIOR, builtin_problem
 from optimizers.functional import displacement
 from optimizers.rules import MADA_VERTICES
 
-needs_kernel = pytest.mark.skipif(not N.mada_partial_available(), reason="no C compiler: the native kernel is not built")
+needs_kernel = pytest.mark.skipif(not N.mada_kernels_available(), reason="no C compiler: the native kernel is not built")
 
 ALL = N.MADA_COEFFICIENTS
 
@@ -171,7 +171,7 @@ def test_without_a_compiler_the_fused_path_uses_the_compiled_vjp(tmp_path):
         import optimizers as O
         from hypergrad import native as N
         from hypergrad.fused import HyperKernels
-        assert not N.mada_partial_available()
+        assert not N.mada_kernels_available()
         kern = HyperKernels(O.get_rule("mada"), "decoupled", N.MADA_COEFFICIENTS)
         fixed = {k: torch.tensor(v, dtype=torch.float64) for k, v in
                  dict(beta1_lion=0.95, beta2_lion=0.98, eps=1e-8, lr=1e-2, weight_decay=0.1).items()}
@@ -183,4 +183,87 @@ def test_without_a_compiler_the_fused_path_uses_the_compiled_vjp(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generic" in done.stdout
-    assert "the MADA partial-hypergradient kernel is unavailable" in done.stderr
+    assert "the MADA kernels are unavailable" in done.stderr
+
+
+def _update_problem(n, dtype, seed=0):
+    family = O.get_rule("mada")
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda scale=1e-2: torch.randn(n, generator=gen, dtype=torch.float64) * scale  # noqa: E731
+    state = {k: rand() for k in family.state_names}
+    for k in ("v_bar", "v_tilde"):
+        state[k] = state[k].square()
+        state[k][:7] = 0.0
+    x, g, g_last = rand(1.0), rand(), rand()
+    f64 = dict(dtype=torch.float64)
+    h = {k: torch.tensor(v, **f64) for k, v in dict(MADA_INTERIOR, beta1_lion=0.95, beta2_lion=0.98, eps=1e-8,
+                                                   lr=1e-2, weight_decay=0.1).items()}
+    h_last = {**h, "beta1": torch.tensor(0.8, **f64), "c": torch.tensor(0.9, **f64), "beta3": torch.tensor(0.2, **f64)}
+    cast = lambda v: v.to(dtype)  # noqa: E731
+    return family, cast(x), cast(g), cast(g_last), {k: cast(v) for k, v in state.items()}, h, h_last
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_rotating_update_equals_the_compiled_and_the_eager_update(dtype):
+    """MADA's rotating update (advance past the recorded update, apply this one, g_prev's buffer takes
+    the new gradient), 70001 elements at 1 and 2 threads: equal to the compiled kernel bit for bit
+    (same operations in the same order) and to its eager definition (``hypergrad.fused._update``)."""
+    import hypergrad.fused as HF
+
+    family, x, g, g_last, state, h, h_last = _update_problem(70001, dtype)
+    names = family.state_names
+    t, t_last = torch.tensor(5.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    outs = {}
+    for label, native, threads in (("compiled", False, None), ("native1", True, 1), ("native2", True, 2)):
+        kern = HyperKernels(family, "decoupled", ALL, native=native)
+        pre, pre_last = kern.scalars(h, t), kern.scalars(h_last, t_last)
+        fn = kern.update_for(h, t, pre, (h_last, t_last, pre_last), True, rotate=True)
+        assert isinstance(fn, N.MadaUpdate) == native
+        if native:
+            fn.threads = threads
+        xs, ss = x.clone(), [state[k].clone() for k in names]
+        fn(xs, g, ss, g_last.clone(), None)
+        outs[label] = [xs, *ss]
+    xs, ss = x.clone(), [state[k].clone() for k in names]
+    pre, pre_last = HF.HyperKernels(family, "decoupled", ALL).scalars(h, t), HF.HyperKernels(
+        family, "decoupled", ALL).scalars(h_last, t_last)
+    HF._update(family, "decoupled", names, xs, g, ss, g_last.clone(), None, h, t, pre, (h_last, t_last, pre_last),
+               "g_prev")
+    eager = [xs, *ss]
+    assert not torch.equal(outs["native1"][0], x)
+    assert torch.equal(outs["native1"][1 + names.index("g_prev")], g)  # the new record
+    for a, b, c, e in zip(outs["compiled"], outs["native1"], outs["native2"], eager):
+        assert torch.equal(a, b) and torch.equal(b, c)
+        # (float32: the eager ops round their 0-D float64 scalars differently, and a rounding step can
+        # flip a sign(): a few ulp, here and there more in a tiny v_tilde; float64: exact to rounding)
+        torch.testing.assert_close(b, e, rtol=1e-5 if dtype == torch.float32 else 1e-14, atol=1e-12 if dtype == torch.float32 else 0)
+
+
+@needs_kernel
+def test_native_update_serves_only_the_rotating_decoupled_update():
+    """The first (recording, not rotating) update, L2 weight decay and strided tensors take the compiled
+    kernel; a rotating update without ``g_last`` is an error."""
+    family, x, g, g_last, state, h, h_last = _update_problem(4099, torch.float64, seed=1)
+    names = family.state_names
+    t, t_last = torch.tensor(5.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    kern = HyperKernels(family, "decoupled", ALL)
+    pre, pre_last = kern.scalars(h, t), kern.scalars(h_last, t_last)
+    assert not isinstance(kern.update_for(h, t, pre, None, True), N.MadaUpdate)
+    assert not isinstance(HyperKernels(family, "l2", ALL).update_for(h, t, pre, (h_last, t_last, pre_last), True,
+                                                                     rotate=True), N.MadaUpdate)
+    fn = kern.update_for(h, t, pre, (h_last, t_last, pre_last), True, rotate=True)
+    assert isinstance(fn, N.MadaUpdate)
+    with pytest.raises(ValueError, match="g_last is required"):
+        fn(x.clone(), g, [state[k].clone() for k in names], None)
+    wide = torch.zeros(2 * x.numel(), dtype=x.dtype)
+    strided = wide[::2]
+    strided.copy_(x)
+    ss = [state[k].clone() for k in names]
+    fn(strided, g, ss, g_last.clone(), None)  # the compiled kernel (made now), on the strided x
+    xs, ss2 = x.clone(), [state[k].clone() for k in names]
+    fn(xs, g, ss2, g_last.clone(), None)  # the native one
+    assert sum(k.compiled_graphs() for k in kern._kernels.values()) == 1  # the strided call's
+    torch.testing.assert_close(strided, xs, rtol=1e-14, atol=0)
+    for a, b in zip(ss, ss2):
+        assert torch.equal(a, b)
