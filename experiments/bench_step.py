@@ -955,7 +955,7 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
                   ) -> Tuple[Dict[str, object], Dict[str, int], int, int]:
     """The calls of ``kernel_table`` on tensors of ``numel`` elements: ``(calls, floors B/p, S, reductions)``."""
     from hypergrad.fused import HyperKernels
-    from hypergrad.native import MadaPartial
+    from hypergrad.native import MadaPartial, MadaUpdate
     from optimizers.fused import FusedKernel
 
     fam = family("mada")
@@ -984,11 +984,13 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     kern = HyperKernels(fam, "decoupled", learn)  # as the library runs it: MADA's native vjp on a CPU
     q = torch.stack([h[n] for n in learn]).to(torch.float32)
     vjp = kern.partial_for({n: v for n, v in h.items() if n not in learn}, t_old)
-    # the compiled torch.func vjp, which the native kernel replaces (where it does)
-    vjp_compiled = HyperKernels(fam, "decoupled", learn, native=False).partial_for(
-        {n: v for n, v in h.items() if n not in learn}, t_old)
+    # the compiled kernels, which the native ones replace (where they do)
+    compiled = HyperKernels(fam, "decoupled", learn, native=False)
+    vjp_compiled = compiled.partial_for({n: v for n, v in h.items() if n not in learn}, t_old)
     pre, pre_old = kern.scalars(h, t), kern.scalars(h, t_old)
     update = kern.update_for(h, t, pre, (h, t_old, pre_old), True, rotate=True)  # as the library runs MADA
+    update_compiled = compiled.update_for(h, t, pre, (h, t_old, pre_old), True, rotate=True)
+    x_compiled, states_compiled = x.clone(), [placed(b, k + 1) for k, b in enumerate(states)]
     rule = FusedKernel(fam, "decoupled")
     p_adamw = torch.nn.Parameter(x.clone())
     p_adamw.grad = g.clone()
@@ -1009,6 +1011,7 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
              "vjp": _Call(lambda: vjp(g_last, states, g, q)),
              "vjp_compiled": _Call(lambda: vjp_compiled(g_last, states, g, q)),
              "update": _Call(lambda: update(x, g, states, g_last, None)),
+             "update_compiled": _Call(lambda: update_compiled(x_compiled, g, states_compiled, g_last, None)),
              "rule": _Call(lambda: rule([x_rule], [g], rule_states, h, 5.0)),
              "one_pass": _Call(lambda: one_pass_bound(x_one, g, *one_old, *one_new, g_last, g_one_store, q)),
              "vjp_io": _Call(lambda: vjp_io(g_last, g, *io_states)),
@@ -1017,7 +1020,9 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
     a = fused_rotation(fam)
     if not isinstance(vjp, MadaPartial):  # no native kernel here: the two rows would be the same kernel
         del calls["vjp_compiled"]
-    floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
+    if not isinstance(update, MadaUpdate):
+        del calls["update_compiled"]
+    floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a, "update_compiled": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
               "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3}
     return calls, floors, S, len(learn)
 
@@ -1035,7 +1040,8 @@ def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed
     * ``vjp_compiled``: the same with the compiled ``torch.func`` vjp it replaces (only where it does);
     * ``update``: the model update that first advances the buffers past the recorded update, then
       records this one into g_prev's buffer (reads S + 3, writes S + 1: the rotation the library
-      runs for MADA), ``HyperKernels.update_for``;
+      runs for MADA), ``HyperKernels.update_for``: on a CPU, MADA's hand-written kernel too;
+    * ``update_compiled``: the same with the compiled kernel it replaces (only where it does);
     * ``rule``: the fixed-coefficient MADA update (2S + 3), ``FusedKernel``;
     * ``one_pass``: a what-if, not in the library (``_one_pass``): the vjp and the next update in one
       loop, as a scheme applying each hypergradient one step late could run them (2S + 5).
@@ -1899,6 +1905,8 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
           f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read)"
           + ("; on this CPU the library's hand-written MADA kernel (hypergrad.native), and *vjp_compiled* the "
              "compiled torch.func vjp that it replaces; " if "vjp_compiled" in kt["results"] else "; ")
+          + ("*update* is the hand-written kernel too, *update_compiled* the compiled one; "
+             if "update_compiled" in kt["results"] else "")
           + f"*update*: advance past the recorded update, apply and record this one "
           f"({kt['results']['update']['floor_bytes']:g}: the new record goes to g_prev's buffer, the library's "
           f"rotation); "

@@ -128,13 +128,17 @@ def test_bench_step_interval_table():
 def test_bench_step_kernel_table():
     """(g): each kernel of the hyper step is timed next to fused AdamW, with its bandwidth floor."""
     tab = bench_step.kernel_table(5000, steps=2, warmup=1, device=torch.device("cpu"), progress=False, in_cache_rounds=3)
+    from hypergrad.native import mada_kernels_available
+    # with the native MADA kernels (where they could be built), also the compiled ones they replace
+    native = {"vjp_compiled", "update_compiled"} if mada_kernels_available() else set()
     assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule", "one_pass", "vjp_io", "update_io",
-                                   "rule_io"}
+                                   "rule_io"} | native
     assert tab["states"] == 6 and tab["reductions"] == 6
     floors = {n: r["floor_bytes"] for n, r in tab["results"].items()}
     # the update as the library runs MADA's: the new record rotates into g_prev's buffer (2S + 4)
     assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 16, "rule": 15, "one_pass": 17,
-                      "vjp_io": 8, "update_io": 16, "rule_io": 15}
+                      "vjp_io": 8, "update_io": 16, "rule_io": 15,
+                      **{n: {"vjp_compiled": 8, "update_compiled": 16}[n] for n in native}}
     for r in tab["results"].values():
         assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
     for name, r in tab["results"].items():  # the arithmetic, in cache (not through FusedKernel's step API)
