@@ -1905,12 +1905,12 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
           f"rounds. *vjp*: the partial hypergradient of the recorded update (S + 2 = {kt['states'] + 2} buffers read)"
           + ("; on this CPU the library's hand-written MADA kernel (hypergrad.native), and *vjp_compiled* the "
              "compiled torch.func vjp that it replaces; " if "vjp_compiled" in kt["results"] else "; ")
-          + ("*update* is the hand-written kernel too, *update_compiled* the compiled one; "
-             if "update_compiled" in kt["results"] else "")
           + f"*update*: advance past the recorded update, apply and record this one "
           f"({kt['results']['update']['floor_bytes']:g}: the new record goes to g_prev's buffer, the library's "
-          f"rotation); "
-          f"*rule*: the fixed-coefficient MADA update ({2 * kt['states'] + 3})."
+          f"rotation)"
+          + ("; hand-written too, and *update_compiled* the compiled kernel it replaces; "
+             if "update_compiled" in kt["results"] else "; ")
+          + f"*rule*: the fixed-coefficient MADA update ({2 * kt['states'] + 3})."
           + (f" *one_pass* (a what-if, not in the library): the vjp and the next update in one loop, as a scheme that "
              f"applied each hypergradient one step late could run them (the update would not wait for this step's "
              f"reduction); it writes the advanced state to S other buffers, since Inductor fuses a reduction into an "
@@ -2010,7 +2010,12 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
               f"{one['ratio_to_fused']:.2f}x fused AdamW" + arith
               + (f": {'above' if above else 'within'} the {TARGET_HYPER}x target for the kernel alone, with the "
                  f"per-element arithmetic of the vjp and of the update in the same loop, and S more buffers of "
-                 f"memory for the state it writes out of place. The library keeps the exact scheme."))
+                 f"memory for the state it writes out of place. The library keeps the exact scheme.")
+              + (f" (*one_pass* is compiled from the DSL, as *vjp_compiled* and *update_compiled* are; written by "
+                 f"hand, its arithmetic would still be about the native vjp's and update's together, "
+                 f"{res['vjp']['arith_ratio'] + res['update']['arith_ratio']:.2f}x in cache.)"
+                 if "vjp_compiled" in res and res["vjp"].get("arith_ratio") is not None
+                 and res["update"].get("arith_ratio") is not None else ""))
             w("")
 
     it = report.get("interval")

@@ -222,7 +222,7 @@ def _cpu_identity() -> str:
     return "\n".join([platform.machine(), platform.processor(), *lines])
 
 
-def _build() -> Optional[ctypes.CDLL]:
+def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
@@ -264,7 +264,7 @@ def _load():
 
 
 def mada_kernels_available() -> bool:
-    """Whether the native kernels could be built and loaded on this machine (builds it if needed)."""
+    """Whether the native kernels could be built and loaded on this machine (builds them if needed)."""
     return _load() is not None
 
 
@@ -346,14 +346,16 @@ class MadaPartial(_NativeCall):
         # the scalar vector: the learned entries come from q (per call), the others now
         self._base = _float64([t if k == "t" else fixed[k] if k not in learn else torch.zeros(())
                                for k in _SCALARS])
-        self._last_q: Optional[Tensor] = None
+        self._last_q: Optional[Tuple[Tensor, int]] = None
         self._scalars: Optional[Tensor] = None
 
     def _scalars_for(self, q: Tensor) -> Tensor:
-        if q is not self._last_q:  # one vector per coefficient set (its q is the same tensor for every segment)
+        """The scalar vector with ``q``'s values: made once per coefficient set (the segments of a set
+        pass the same ``q``) and again if ``q`` was written in place since."""
+        if self._last_q is None or self._last_q[0] is not q or self._last_q[1] != q._version:
             sc = self._base.clone()
             sc.index_copy_(0, self._learn_index, q.detach().to("cpu", torch.float64))
-            self._last_q, self._scalars = q, sc
+            self._last_q, self._scalars = (q, q._version), sc
         return self._scalars
 
     def __call__(self, g_old: Tensor, old_states: Sequence[Tensor], cotangent: Tensor, q: Tensor):

@@ -90,7 +90,14 @@ def test_native_kernel_learning_a_subset_returns_it_in_the_order_of_learn():
     family, g_old, state, cot, coefs, fixed, t = _problem(5003, seed=1)
     learn = ("gamma", "beta2", "c")
     expected, q = _reference(family, g_old, state, cot, coefs, fixed, t, learn)
-    partial, _ = _kernel(family, learn, coefs, fixed, t)(g_old, [state[k] for k in family.state_names], cot, q)
+    fn = _kernel(family, learn, coefs, fixed, t)
+    partial, _ = fn(g_old, [state[k] for k in family.state_names], cot, q)
+    torch.testing.assert_close(partial, expected, rtol=1e-11, atol=1e-13 * expected.abs().max().item())
+    # q written in place between calls: the next call reads its new values
+    coefs = {**coefs, "gamma": torch.tensor(0.25, dtype=torch.float64)}
+    expected, q_new = _reference(family, g_old, state, cot, coefs, fixed, t, learn)
+    q.copy_(q_new)
+    partial, _ = fn(g_old, [state[k] for k in family.state_names], cot, q)
     torch.testing.assert_close(partial, expected, rtol=1e-11, atol=1e-13 * expected.abs().max().item())
 
 
