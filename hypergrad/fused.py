@@ -1,5 +1,8 @@
 """Compiled kernels for hyper-learning on the fused path (``HyperOptimizer(..., fused=True)``).
 
+(For MADA on a CPU, ``HyperKernels`` hands both to the hand-written kernels of ``hypergrad.native``
+where it can: the vjp, and the rotating update with decoupled weight decay.)
+
 Two compiled functions per (family, weight-decay mode), each called once per parameter tensor
 (or packed run of small tensors):
 
