@@ -32,11 +32,12 @@ first) is the left column twice, with the recorded step's coefficients and then 
 ``x += Delta``; the buffers keep the advanced state, g_prev's buffer the new gradient.
 
 Why by hand: Inductor's loop for the traced vjp is ~150 instructions per 16 elements, with 14
-running sums kept in memory (its cascade-summation helpers); this loop has 9 sums in registers and
-about half the instructions. On the 2-core AMD EPYC VM, one thread, 10.5M float32 elements: vjp
-15.8 ms against 26.9 ms (in cache 1.3 against 2.6 ns per element), update 22.3 against 26.2 ms
-(fused AdamW's whole step: 6.4-8.1 ms in the same runs; ``python -m experiments.bench_step --all``,
-table g, measures them side by side).
+running sums kept in memory (its cascade-summation helpers); this loop keeps 10 sums in registers,
+leaves the factors common to all elements (``-lr gamma``, ``1/(2 bc2)``...) out of them, and runs
+about half the instructions. Measured side by side with fused AdamW and with the compiled kernels
+they replace in docs/performance.md, table (g) (``python -m experiments.bench_step --all``); on the
+2-core AMD EPYC VM, one thread, 10.5M float32 elements, the vjp took about 60% of the compiled one's
+time and the update about 80%.
 
 Precision: the update computes every quantity in the order of the DSL's expression (the one-minus
 coefficients and other scalars in float64, then rounded to the tensors' dtype, as the compiled
@@ -90,13 +91,14 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
                          const scalar_t* restrict v_bar, const scalar_t* restrict v_tilde,
                          const scalar_t* restrict w, const double* restrict sc, double* restrict out,
                          int threads) {
-  /* sc: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, t */
+  /* sc: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, t. Per element, the sums leave out
+     the factors common to all elements (-lr gamma in A_, 1/(2 bc2) in v_, ...): they scale the
+     sums at the end. W = w r stands for A_ / (-lr gamma), V = W A / sqrt(v/bc2) for v_ / (lr gamma / (2 bc2)). */
   const double t = sc[9], bc1 = 1.0 - pow(sc[0], t), bc2 = 1.0 - pow(sc[1], t);
   const scalar_t b1 = sc[0], omb1 = 1.0 - sc[0], b2 = sc[1], omb2 = 1.0 - sc[1], b3 = sc[2], omb3 = 1.0 - sc[2];
-  const scalar_t c = sc[3], omc = 1.0 - sc[3], rho = sc[4], omrho = 1.0 - sc[4], gamma = sc[5];
-  const scalar_t b1L = sc[6], omb1L = 1.0 - sc[6], eps = sc[7], neg_lr = -sc[8];
-  const scalar_t inv_t = 1.0 / t, t_minus_1 = t - 1.0, inv_bc1 = 1.0 / bc1, inv_bc2 = 1.0 / bc2;
-  const scalar_t half_inv_bc2 = 0.5 / bc2, vb_weight = sc[4] + (1.0 - sc[4]) / t, one = 1;
+  const scalar_t c = sc[3], omc = 1.0 - sc[3], rho = sc[4], omrho = 1.0 - sc[4];
+  const scalar_t b1L = sc[6], omb1L = 1.0 - sc[6], eps = sc[7];
+  const scalar_t inv_t = 1.0 / t, t_minus_1 = t - 1.0, inv_bc1 = 1.0 / bc1, inv_bc2 = 1.0 / bc2, one = 1;
   const int64_t chunks = (N + HG_CHUNK - 1) / HG_CHUNK;
   double part[HG_MAX_THREADS][HG_SUMS];
   int used = 1;
@@ -109,8 +111,8 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
     double acc[HG_SUMS] = {0};
     for (int64_t chunk = lo; chunk < hi; chunk++) {
       const int64_t begin = chunk * HG_CHUNK, end = begin + HG_CHUNK < N ? begin + HG_CHUNK : N;
-      scalar_t s_b1 = 0, s_b2 = 0, s_b3 = 0, s_c = 0, s_rho = 0, s_gamma = 0, s_bc1 = 0, s_bc2 = 0, s_w = 0;
-#pragma omp simd reduction(+:s_b1, s_b2, s_b3, s_c, s_rho, s_gamma, s_bc1, s_bc2, s_w)
+      scalar_t s_m = 0, s_vb = 0, s_gh = 0, s_n = 0, s_c = 0, s_rho = 0, s_gamma = 0, s_bc1 = 0, s_bc2 = 0, s_w = 0;
+#pragma omp simd reduction(+:s_m, s_vb, s_gh, s_n, s_c, s_rho, s_gamma, s_bc1, s_bc2, s_w)
       for (int64_t i = begin; i < end; i++) {
         const scalar_t gi = g[i], d = gi - g_prev[i], mi = m[i], ni = n[i], vbi = v_bar[i], wi = w[i];
         const scalar_t m_new = b1 * mi + omb1 * gi, n_new = b3 * ni + omb3 * d;
@@ -122,33 +124,39 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
         const scalar_t root = SQRT(v * inv_bc2), r = one / (root + eps);
         const scalar_t A = (m_new * inv_bc1 + b3 * n_new) * r;
         const scalar_t u = b1L * lion_m[i] + omb1L * gi;
-        const scalar_t a = neg_lr * wi, A_ = a * gamma * r;
-        const scalar_t v_ = root > 0 ? -A_ * A * half_inv_bc2 / root : 0;
-        const scalar_t vb_ = v_ * vb_weight, T_ = vb_ * omb2, G_ = T_ * (c + omc * s);
-        s_gamma += a * (A - SIGN(u));
-        s_rho += v_ * (vb_new - vt_new);
-        s_c += T_ * (G - yogi);
-        s_b2 += vb_ * (vbi - target);
-        s_b3 += 2 * G_ * g_hat * d + A_ * (n_new + b3 * (ni - d));
-        s_b1 += A_ * inv_bc1 * (mi - gi);
-        s_bc1 += A_ * m_new;
-        s_bc2 += v_ * v;
+        const scalar_t W = wi * r, V = root > 0 ? W * A / root : 0;
+        s_gamma += wi * (A - SIGN(u));
+        s_rho += V * (vb_new - vt_new);
+        s_c += V * (G - yogi);
+        s_vb += V * (vbi - target);
+        s_gh += V * (c + omc * s) * g_hat * d;
+        s_n += W * (n_new + b3 * (ni - d));
+        s_m += W * (mi - gi);
+        s_bc1 += W * m_new;
+        s_bc2 += V * v;
         s_w += wi;
       }
-      acc[0] += s_b1; acc[1] += s_b2; acc[2] += s_b3; acc[3] += s_c; acc[4] += s_rho; acc[5] += s_gamma;
-      acc[6] += s_bc1; acc[7] += s_bc2; acc[8] += s_w;
+      acc[0] += s_m; acc[1] += s_vb; acc[2] += s_gh; acc[3] += s_n; acc[4] += s_c; acc[5] += s_rho;
+      acc[6] += s_gamma; acc[7] += s_bc1; acc[8] += s_bc2; acc[9] += s_w;
     }
     for (int k = 0; k < HG_SUMS; k++) part[tid][k] = acc[k];
     if (tid == 0) used = nt;
   }
-  double total[HG_SUMS] = {0};
+  double S[HG_SUMS] = {0};
   for (int tid = 0; tid < used; tid++)
-    for (int k = 0; k < HG_SUMS; k++) total[k] += part[tid][k];
-  /* the bias corrections' share: d(1/bc1)/db1 = t b1^(t-1) / bc1^2; d(v/bc2)/db2 through 1/bc2 */
-  out[0] = total[0] + total[6] * t * pow(sc[0], t - 1.0) / (bc1 * bc1);
-  out[1] = total[1] + total[7] * t * pow(sc[1], t - 1.0) / bc2;
-  for (int k = 2; k < 6; k++) out[k] = total[k];
-  out[6] = total[8];
+    for (int k = 0; k < HG_SUMS; k++) S[k] += part[tid][k];
+  /* A_ = kA W, v_ = kV V; vb_ = v_ (rho + (1-rho)/t), T_ = vb_ (1-b2), G_ = T_ (c + (1-c) s); and the
+     bias corrections' share: d(1/bc1)/db1 = t b1^(t-1) / bc1^2, d(1/bc2)/db2 = t b2^(t-1) / bc2^2
+     (through v/bc2: sum(v_ v) bc2 d(1/bc2)/db2) */
+  const double kA = -sc[8] * sc[5], kV = -kA * 0.5 / bc2, vb_weight = sc[4] + (1.0 - sc[4]) / t;
+  const double kT = kV * vb_weight * (1.0 - sc[1]);
+  out[0] = kA * (S[0] / bc1 + S[7] * t * pow(sc[0], t - 1.0) / (bc1 * bc1));
+  out[1] = kV * (vb_weight * S[1] + S[8] * t * pow(sc[1], t - 1.0) / bc2);
+  out[2] = 2.0 * kT * S[2] + kA * S[3];
+  out[3] = kT * S[4];
+  out[4] = kV * S[5];
+  out[5] = -sc[8] * S[6];
+  out[6] = S[9];
 }
 
 void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* restrict g,
@@ -195,7 +203,7 @@ void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* 
 """
 
 _SOURCE = ("#include <math.h>\n#include <stdint.h>\n#include <omp.h>\n"
-           "#define HG_CHUNK 4096\n#define HG_SUMS 9\n#define HG_MAX_THREADS 256\n"
+           "#define HG_CHUNK 4096\n#define HG_SUMS 10\n#define HG_MAX_THREADS 256\n"
            "#define HG_PARALLEL_MIN 65536\n"
            + _KERNEL.replace("scalar_t", "float").replace("SUFFIX", "f32").replace("SQRT", "sqrtf")
            + _KERNEL.replace("scalar_t", "double").replace("SUFFIX", "f64").replace("SQRT", "sqrt"))
