@@ -86,6 +86,32 @@ _KERNEL = r"""
    and the other scalars are computed in double and rounded once, as the compiled kernels do. */
 #define SIGN(x) ((scalar_t)((x) > 0) - (scalar_t)((x) < 0))
 
+/* MADA's moments after one step, the part of the update that the vjp, the advance past the recorded
+   update and this update share (with the coefficients of their step) */
+typedef struct { scalar_t b1, omb1, b2, omb2, b3, omb3, c, omc, t_minus_1, inv_t; } coefs_SUFFIX;
+typedef struct { scalar_t d, m, n, g_hat, G, s, yogi, target, v_bar, v_tilde; } moments_SUFFIX;
+
+static coefs_SUFFIX coefs_SUFFIX_of(double b1, double b2, double b3, double c, double t) {
+  const coefs_SUFFIX k = {b1, 1.0 - b1, b2, 1.0 - b2, b3, 1.0 - b3, c, 1.0 - c, t - 1.0, 1.0 / t};
+  return k;
+}
+
+static inline moments_SUFFIX moments_SUFFIX_of(const coefs_SUFFIX k, scalar_t g, scalar_t g_prev, scalar_t m,
+                                               scalar_t n, scalar_t v_bar, scalar_t v_tilde) {
+  moments_SUFFIX a;
+  a.d = g - g_prev;
+  a.m = k.b1 * m + k.omb1 * g;
+  a.n = k.b3 * n + k.omb3 * a.d;
+  a.g_hat = g + k.b3 * a.d;
+  a.G = a.g_hat * a.g_hat;
+  a.s = SIGN(a.G - v_bar);
+  a.yogi = v_bar + a.G * a.s;
+  a.target = k.c * a.G + k.omc * a.yogi;
+  a.v_bar = k.b2 * v_bar + k.omb2 * a.target;
+  a.v_tilde = (a.v_bar + k.t_minus_1 * v_tilde) * k.inv_t;
+  return a;
+}
+
 void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* restrict g_prev,
                          const scalar_t* restrict m, const scalar_t* restrict n, const scalar_t* restrict lion_m,
                          const scalar_t* restrict v_bar, const scalar_t* restrict v_tilde,
@@ -95,10 +121,10 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
      the factors common to all elements (-lr gamma in A_, 1/(2 bc2) in v_, ...): they scale the
      sums at the end. W = w r stands for A_ / (-lr gamma), V = W A / sqrt(v/bc2) for v_ / (lr gamma / (2 bc2)). */
   const double t = sc[9], bc1 = 1.0 - pow(sc[0], t), bc2 = 1.0 - pow(sc[1], t);
-  const scalar_t b1 = sc[0], omb1 = 1.0 - sc[0], b2 = sc[1], omb2 = 1.0 - sc[1], b3 = sc[2], omb3 = 1.0 - sc[2];
-  const scalar_t c = sc[3], omc = 1.0 - sc[3], rho = sc[4], omrho = 1.0 - sc[4];
+  const coefs_SUFFIX k = coefs_SUFFIX_of(sc[0], sc[1], sc[2], sc[3], t);
+  const scalar_t b3 = sc[2], c = sc[3], omc = 1.0 - sc[3], rho = sc[4], omrho = 1.0 - sc[4];
   const scalar_t b1L = sc[6], omb1L = 1.0 - sc[6], eps = sc[7];
-  const scalar_t inv_t = 1.0 / t, t_minus_1 = t - 1.0, inv_bc1 = 1.0 / bc1, inv_bc2 = 1.0 / bc2, one = 1;
+  const scalar_t inv_bc1 = 1.0 / bc1, inv_bc2 = 1.0 / bc2, one = 1;
   const int64_t chunks = (N + HG_CHUNK - 1) / HG_CHUNK;
   double part[HG_MAX_THREADS][HG_SUMS];
   int used = 1;
@@ -114,25 +140,21 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
       scalar_t s_m = 0, s_vb = 0, s_gh = 0, s_n = 0, s_c = 0, s_rho = 0, s_gamma = 0, s_bc1 = 0, s_bc2 = 0, s_w = 0;
 #pragma omp simd reduction(+:s_m, s_vb, s_gh, s_n, s_c, s_rho, s_gamma, s_bc1, s_bc2, s_w)
       for (int64_t i = begin; i < end; i++) {
-        const scalar_t gi = g[i], d = gi - g_prev[i], mi = m[i], ni = n[i], vbi = v_bar[i], wi = w[i];
-        const scalar_t m_new = b1 * mi + omb1 * gi, n_new = b3 * ni + omb3 * d;
-        const scalar_t g_hat = gi + b3 * d, G = g_hat * g_hat, s = SIGN(G - vbi);
-        const scalar_t yogi = vbi + G * s, target = c * G + omc * yogi;
-        const scalar_t vb_new = b2 * vbi + omb2 * target;
-        const scalar_t vt_new = (vb_new + t_minus_1 * v_tilde[i]) * inv_t;
-        const scalar_t v = rho * vb_new + omrho * vt_new;
+        const scalar_t gi = g[i], mi = m[i], ni = n[i], vbi = v_bar[i], wi = w[i];
+        const moments_SUFFIX a = moments_SUFFIX_of(k, gi, g_prev[i], mi, ni, vbi, v_tilde[i]);
+        const scalar_t v = rho * a.v_bar + omrho * a.v_tilde;
         const scalar_t root = SQRT(v * inv_bc2), r = one / (root + eps);
-        const scalar_t A = (m_new * inv_bc1 + b3 * n_new) * r;
+        const scalar_t A = (a.m * inv_bc1 + b3 * a.n) * r;
         const scalar_t u = b1L * lion_m[i] + omb1L * gi;
         const scalar_t W = wi * r, V = root > 0 ? W * A / root : 0;
         s_gamma += wi * (A - SIGN(u));
-        s_rho += V * (vb_new - vt_new);
-        s_c += V * (G - yogi);
-        s_vb += V * (vbi - target);
-        s_gh += V * (c + omc * s) * g_hat * d;
-        s_n += W * (n_new + b3 * (ni - d));
+        s_rho += V * (a.v_bar - a.v_tilde);
+        s_c += V * (a.G - a.yogi);
+        s_vb += V * (vbi - a.target);
+        s_gh += V * (c + omc * a.s) * a.g_hat * a.d;
+        s_n += W * (a.n + b3 * (ni - a.d));
         s_m += W * (mi - gi);
-        s_bc1 += W * m_new;
+        s_bc1 += W * a.m;
         s_bc2 += V * v;
         s_w += wi;
       }
@@ -166,36 +188,27 @@ void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* 
                                int threads) {
   /* old (the recorded update): beta1, beta2, beta3, c, beta2_lion, t;
      now: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, weight_decay, t */
-  const scalar_t ob1 = old[0], oomb1 = 1.0 - old[0], ob2 = old[1], oomb2 = 1.0 - old[1], ob3 = old[2];
-  const scalar_t oomb3 = 1.0 - old[2], oc = old[3], oomc = 1.0 - old[3], ob2L = old[4], oomb2L = 1.0 - old[4];
-  const scalar_t ot_minus_1 = old[5] - 1.0, oinv_t = 1.0 / old[5];
-  const double t = now[10];
-  const scalar_t b1 = now[0], omb1 = 1.0 - now[0], b2 = now[1], omb2 = 1.0 - now[1], b3 = now[2], omb3 = 1.0 - now[2];
-  const scalar_t c = now[3], omc = 1.0 - now[3], rho = now[4], omrho = 1.0 - now[4], gamma = now[5];
-  const scalar_t omgamma = 1.0 - now[5], b1L = now[6], omb1L = 1.0 - now[6], eps = now[7], neg_lr = -now[8];
-  const scalar_t wd = now[9], t_minus_1 = t - 1.0, inv_t = 1.0 / t;
-  const scalar_t inv_bc1 = 1.0 / (1.0 - pow(now[0], t)), inv_bc2 = 1.0 / (1.0 - pow(now[1], t)), one = 1;
+  const coefs_SUFFIX k_old = coefs_SUFFIX_of(old[0], old[1], old[2], old[3], old[5]);
+  const coefs_SUFFIX k = coefs_SUFFIX_of(now[0], now[1], now[2], now[3], now[10]);
+  const scalar_t b2L = old[4], omb2L = 1.0 - old[4], b3 = now[2], rho = now[4], omrho = 1.0 - now[4];
+  const scalar_t gamma = now[5], omgamma = 1.0 - now[5], b1L = now[6], omb1L = 1.0 - now[6], eps = now[7];
+  const scalar_t neg_lr = -now[8], wd = now[9], one = 1;
+  const scalar_t inv_bc1 = 1.0 / (1.0 - pow(now[0], now[10])), inv_bc2 = 1.0 / (1.0 - pow(now[1], now[10]));
   if (threads < 1 || N < HG_PARALLEL_MIN) threads = 1;
 #pragma omp parallel for simd num_threads(threads) schedule(static)
   for (int64_t i = 0; i < N; i++) {
-    const scalar_t gl = g_last[i], gi = g[i], vb = v_bar[i];
-    /* advance past the recorded update (its gradient g_last) */
-    const scalar_t d_old = gl - g_prev[i];
-    const scalar_t m1 = ob1 * m[i] + oomb1 * gl, n1 = ob3 * n[i] + oomb3 * d_old;
-    const scalar_t lm1 = ob2L * lion_m[i] + oomb2L * gl;
-    const scalar_t gh_old = gl + ob3 * d_old, G_old = gh_old * gh_old, Y_old = vb + G_old * SIGN(G_old - vb);
-    const scalar_t vb1 = ob2 * vb + oomb2 * (oc * G_old + oomc * Y_old);
-    const scalar_t vt1 = (vb1 + ot_minus_1 * v_tilde[i]) * oinv_t;
-    /* this update, from the advanced state (whose g_prev is g_last) */
-    const scalar_t d = gi - gl, m2 = b1 * m1 + omb1 * gi, n2 = b3 * n1 + omb3 * d;
-    const scalar_t gh = gi + b3 * d, G = gh * gh, Y = vb1 + G * SIGN(G - vb1);
-    const scalar_t vb2 = b2 * vb1 + omb2 * (c * G + omc * Y), vt2 = (vb2 + t_minus_1 * vt1) * inv_t;
-    const scalar_t v = rho * vb2 + omrho * vt2;
-    const scalar_t A = (m2 * inv_bc1 + b3 * n2) * (one / (SQRT(v * inv_bc2) + eps));
-    const scalar_t u = b1L * lm1 + omb1L * gi, direction = gamma * A + omgamma * SIGN(u);
+    const scalar_t gl = g_last[i], gi = g[i];
+    /* advance past the recorded update (its gradient g_last), then this update from the advanced
+       state, whose g_prev is g_last */
+    const moments_SUFFIX a = moments_SUFFIX_of(k_old, gl, g_prev[i], m[i], n[i], v_bar[i], v_tilde[i]);
+    const scalar_t lion = b2L * lion_m[i] + omb2L * gl;
+    const moments_SUFFIX b = moments_SUFFIX_of(k, gi, gl, a.m, a.n, a.v_bar, a.v_tilde);
+    const scalar_t v = rho * b.v_bar + omrho * b.v_tilde;
+    const scalar_t A = (b.m * inv_bc1 + b3 * b.n) * (one / (SQRT(v * inv_bc2) + eps));
+    const scalar_t u = b1L * lion + omb1L * gi, direction = gamma * A + omgamma * SIGN(u);
     const scalar_t xi = x[i];
     x[i] = xi + neg_lr * (direction + wd * xi);
-    m[i] = m1; n[i] = n1; lion_m[i] = lm1; v_bar[i] = vb1; v_tilde[i] = vt1;
+    m[i] = a.m; n[i] = a.n; lion_m[i] = lion; v_bar[i] = a.v_bar; v_tilde[i] = a.v_tilde;
     g_prev[i] = gi; /* the new record: the caller gives g_prev's role to g_last's buffer */
   }
 }
