@@ -154,8 +154,9 @@ class HyperKernels:
         self.gradient_state = family.gradient_states[0] if family.gradient_states else None
         self._tag = "".join(ch if ch.isalnum() else "_" for ch in f"{family.name}_{mode}")
         self._kernels: Dict[tuple, TensorKernel] = {}
-        # MADA's vjp has a hand-written CPU kernel (hypergrad.native): its derivation holds for that
-        # expression, with x out of it (decoupled or L2 weight decay; not proximal, which scales it)
+        # MADA's vjp and update have hand-written CPU kernels (hypergrad.native): they hold for that
+        # expression only; the vjp's derivation with x out of it (decoupled or L2 weight decay; not
+        # proximal, which scales it), the update with decoupled decay (update_for)
         self.native = bool(native and mode in ("decoupled", "l2") and native_kernel.is_mada(family))
 
     def _partial_kernel(self, fixed_names: Tuple[str, ...]) -> TensorKernel:
