@@ -49,7 +49,8 @@ checks the vjp against ``torch.func.vjp`` of the family's own update (the DSL's,
 derivation) and the update against its eager definition.
 
 The library is compiled on first use with the system C compiler (``CC``, else ``gcc``/``cc``) into
-a cache directory (``HYPERGRAD_CACHE_DIR``, else ``<tmp>/hypergrad-<uid>``), keyed by the source,
+a cache directory (``HYPERGRAD_CACHE_DIR``, else ``<tmp>/hypergrad-<uid>``; it must belong to this user
+and be writable by no one else, since the library is loaded from it), keyed by the source,
 the flags, the compiler and the CPU (``-march=native``). Without a compiler, or if the build fails,
 a warning is logged once and the fused path uses the compiled kernels.
 """
@@ -250,7 +251,12 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:24]
     cache = os.environ.get("HYPERGRAD_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"hypergrad-{os.getuid()}")
-    os.makedirs(cache, exist_ok=True)
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    # A library is loaded from here: another user able to write into the directory could plant one.
+    info = os.stat(cache)
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"the cache directory {cache} must belong to this user and be writable by no one else "
+                           f"(owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}); set HYPERGRAD_CACHE_DIR")
     path = os.path.join(cache, f"mada_kernels_{key}.so")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory(dir=cache) as tmp:

@@ -170,8 +170,10 @@ def test_hyper_optimizer_native_and_compiled_vjp_learn_the_same_coefficients():
         H.HyperOptimizer(builtin_problem(8, seed=5)[0].parameters(), "mada", fused=True, native="yes")
 
 
-def test_without_a_compiler_the_fused_path_uses_the_compiled_vjp(tmp_path):
-    """No compiler (CC names none): a warning, and ``partial_for`` gives the generic kernel."""
+@pytest.mark.parametrize("why", ["no compiler", "shared cache directory"])
+def test_without_a_usable_build_the_fused_path_uses_the_compiled_vjp(tmp_path, why):
+    """No compiler (CC names none), or a cache directory others can write into (a library planted there
+    would be loaded): a warning, and ``partial_for`` gives the generic kernel."""
     code = textwrap.dedent("""
         import logging, torch
         logging.basicConfig(level=logging.WARNING)
@@ -186,11 +188,18 @@ def test_without_a_compiler_the_fused_path_uses_the_compiled_vjp(tmp_path):
         assert not isinstance(fn, N.MadaPartial), fn
         print("generic")
     """)
-    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "HYPERGRAD_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "HYPERGRAD_CACHE_DIR": str(tmp_path / "cache")}
+    if why == "no compiler":
+        env["CC"] = str(tmp_path / "no-such-cc")
+    else:
+        (tmp_path / "cache").mkdir()
+        os.chmod(tmp_path / "cache", 0o777)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "generic" in done.stdout
     assert "the MADA kernels are unavailable" in done.stderr
+    assert ("writable by no one else" in done.stderr) == (why != "no compiler")
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing built, nothing loaded
 
 
 def _update_problem(n, dtype, seed=0):
