@@ -1,7 +1,7 @@
 """Compiled kernels for hyper-learning on the fused path (``HyperOptimizer(..., fused=True)``).
 
 (For MADA on a CPU, ``HyperKernels`` hands both to the hand-written kernels of ``hypergrad.native``
-where it can: the vjp, and the rotating update with decoupled weight decay.)
+where it can: the vjp, and the update after a recorded one with decoupled weight decay.)
 
 Two compiled functions per (family, weight-decay mode), each called once per parameter tensor
 (or packed run of small tensors):
@@ -138,8 +138,8 @@ class HyperKernels:
     names of the hyperparameters fix the order of the scalar arguments; a kernel is built per
     distinct set of names (in practice one).
 
-    For MADA on the CPU, ``native`` (default) computes the partial hypergradient, and the rotating
-    update with decoupled weight decay, with the hand-written kernels of ``hypergrad.native``
+    For MADA on the CPU, ``native`` (default) computes the partial hypergradient, and the update
+    after a recorded one with decoupled weight decay, with the hand-written kernels of ``hypergrad.native``
     instead (``self.native``: whether they apply; they run where they could be built).
     """
 
@@ -265,10 +265,11 @@ class HyperKernels:
 
             return _Arranged(bound, arrange)
 
-        # MADA's rotating update (every step after the first) with decoupled decay has a native CPU kernel
-        if (rotate and self.native and self.mode == "decoupled" and t.device.type == "cpu"
-                and native_kernel.mada_kernels_available()):
-            return native_kernel.MadaUpdate(self.names, h, t, last[0], last[1], generic)
+        # MADA's update after a recorded one with decoupled decay has a native CPU kernel: rotating (every
+        # step after the first when every step learns), or not recording (a learning step of hyper_interval > 1)
+        if ((rotate or (last is not None and not record)) and self.native and self.mode == "decoupled"
+                and t.device.type == "cpu" and native_kernel.mada_kernels_available()):
+            return native_kernel.MadaUpdate(self.names, h, t, last[0], last[1], record, generic)
         return generic()
 
     def advance(self, g_old: Tensor, states: Sequence[Tensor], h: Mapping[str, Tensor], t: Tensor,

@@ -27,9 +27,11 @@ write by hand. The partial hypergradient, with ``w = g_{t+1}``, ``a = -lr w`` an
 (bc1 = 1 - b1^t, bc2 = 1 - b2^t; sign' = 0; the square root's derivative is 0 where v = 0, as
 ``optimizers.expr._SafeSqrt`` defines it). ``x`` does not depend on the coefficients, so the weight
 decay drops out (``decoupled`` and ``l2``, whose record holds the effective gradient). The update
-(``MadaUpdate``: decoupled decay, the rotating variant that the library runs at every step after the
-first) is the left column twice, with the recorded step's coefficients and then this step's, and
-``x += Delta``; the buffers keep the advanced state, g_prev's buffer the new gradient.
+after a recorded one (``MadaUpdate``, decoupled decay) is the left column twice, with the recorded
+step's coefficients and then this step's, and ``x += Delta``; recording (the rotating variant that
+the library runs at every step after the first when every step learns), the buffers keep the
+advanced state and g_prev's buffer takes the new gradient; otherwise (a learning step of
+``hyper_interval > 1``) they take the state after this update.
 
 Why by hand: Inductor's loop for the traced vjp is ~150 instructions per 16 elements, with 14
 running sums kept in memory (its cascade-summation helpers); this loop keeps 10 sums in registers,
@@ -182,18 +184,21 @@ void mada_partial_SUFFIX(int64_t N, const scalar_t* restrict g, const scalar_t* 
   out[6] = S[9];
 }
 
-void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* restrict g,
-                               const scalar_t* restrict g_last, scalar_t* restrict g_prev, scalar_t* restrict m,
-                               scalar_t* restrict n, scalar_t* restrict lion_m, scalar_t* restrict v_bar,
-                               scalar_t* restrict v_tilde, const double* restrict old, const double* restrict now,
-                               int threads) {
+void mada_update_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* restrict g,
+                        const scalar_t* restrict g_last, scalar_t* restrict g_prev, scalar_t* restrict m,
+                        scalar_t* restrict n, scalar_t* restrict lion_m, scalar_t* restrict v_bar,
+                        scalar_t* restrict v_tilde, const double* restrict old, const double* restrict now,
+                        int record, int threads) {
   /* old (the recorded update): beta1, beta2, beta3, c, beta2_lion, t;
-     now: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, weight_decay, t */
+     now: beta1, beta2, beta3, c, rho, gamma, beta1_lion, eps, lr, weight_decay, t, beta2_lion.
+     record: the buffers keep the advanced state (this update is recorded: g goes to g_prev's buffer as
+     the new record, and the caller gives g_prev's role to g_last's buffer); else they take the state
+     after this update (whose g_prev is g: the same write). */
   const coefs_SUFFIX k_old = coefs_SUFFIX_of(old[0], old[1], old[2], old[3], old[5]);
   const coefs_SUFFIX k = coefs_SUFFIX_of(now[0], now[1], now[2], now[3], now[10]);
   const scalar_t b2L = old[4], omb2L = 1.0 - old[4], b3 = now[2], rho = now[4], omrho = 1.0 - now[4];
   const scalar_t gamma = now[5], omgamma = 1.0 - now[5], b1L = now[6], omb1L = 1.0 - now[6], eps = now[7];
-  const scalar_t neg_lr = -now[8], wd = now[9], one = 1;
+  const scalar_t neg_lr = -now[8], wd = now[9], b2L_now = now[11], omb2L_now = 1.0 - now[11], one = 1;
   const scalar_t inv_bc1 = 1.0 / (1.0 - pow(now[0], now[10])), inv_bc2 = 1.0 / (1.0 - pow(now[1], now[10]));
   if (threads < 1 || N < HG_PARALLEL_MIN) threads = 1;
 #pragma omp parallel for simd num_threads(threads) schedule(static)
@@ -209,8 +214,12 @@ void mada_update_rotate_SUFFIX(int64_t N, scalar_t* restrict x, const scalar_t* 
     const scalar_t u = b1L * lion + omb1L * gi, direction = gamma * A + omgamma * SIGN(u);
     const scalar_t xi = x[i];
     x[i] = xi + neg_lr * (direction + wd * xi);
-    m[i] = a.m; n[i] = a.n; lion_m[i] = lion; v_bar[i] = a.v_bar; v_tilde[i] = a.v_tilde;
-    g_prev[i] = gi; /* the new record: the caller gives g_prev's role to g_last's buffer */
+    if (record) {
+      m[i] = a.m; n[i] = a.n; lion_m[i] = lion; v_bar[i] = a.v_bar; v_tilde[i] = a.v_tilde;
+    } else {
+      m[i] = b.m; n[i] = b.n; lion_m[i] = b2L_now * lion + omb2L_now * gi; v_bar[i] = b.v_bar; v_tilde[i] = b.v_tilde;
+    }
+    g_prev[i] = gi;
   }
 }
 #undef SIGN
@@ -269,9 +278,9 @@ def _build() -> ctypes.CDLL:
             os.replace(lib, path)  # atomic: a concurrent process sees the whole library or none
     library = ctypes.CDLL(path)
     for suffix in ("f32", "f64"):  # (n, the buffers..., the scalars..., threads)
-        for name, pointers in (("mada_partial", 10), ("mada_update_rotate", 11)):
+        for name, pointers, ints in (("mada_partial", 10, 1), ("mada_update", 11, 2)):
             fn = getattr(library, f"{name}_{suffix}")
-            fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int]
+            fn.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
             fn.restype = None
     return library
 
@@ -406,20 +415,24 @@ class MadaPartial(_NativeCall):
 
 
 class MadaUpdate(_NativeCall):
-    """``HyperKernels.update_for`` for MADA's rotating update with decoupled weight decay: ``(x, g,
-    states, g_last, g_store=None) -> None``, in place. The buffers hold the state before the recorded
-    update (``last = (h_last, t_last, ...)``, its gradient ``g_last``); they are advanced past it,
-    ``x`` takes this update (``h``, ``t``), and g_prev's buffer receives ``g`` (the new record: the
-    caller gives g_prev's role to ``g_last``'s buffer). Other calls go to ``fallback()``."""
+    """``HyperKernels.update_for`` for MADA's update after a recorded one, with decoupled weight decay:
+    ``(x, g, states, g_last, g_store=None) -> None``, in place. The buffers hold the state before the
+    recorded update (``last = (h_last, t_last, ...)``, its gradient ``g_last``); they are advanced past
+    it and ``x`` takes this update (``h``, ``t``). ``record`` (the rotating update, every step after
+    the first when every step learns): the buffers keep the advanced state and g_prev's buffer receives
+    ``g``, the new record (the caller gives g_prev's role to ``g_last``'s buffer); else (the learning
+    step of ``hyper_interval > 1``) they take the state after this update. Other calls go to
+    ``fallback()``."""
 
     _NOW = ("beta1", "beta2", "beta3", "c", "rho", "gamma", "beta1_lion", "eps", "lr", "weight_decay")
     _OLD = ("beta1", "beta2", "beta3", "c", "beta2_lion")
 
     def __init__(self, names: Sequence[str], h: Mapping[str, Tensor], t: Tensor, h_last: Mapping[str, Tensor],
-                 t_last: Tensor, fallback: Callable[[], object], threads: Optional[int] = None):
-        super().__init__("mada_update_rotate", names, fallback, threads)
-        self._now = _float64([h[k] for k in self._NOW] + [t])
+                 t_last: Tensor, record: bool, fallback: Callable[[], object], threads: Optional[int] = None):
+        super().__init__("mada_update", names, fallback, threads)
+        self._now = _float64([h[k] for k in self._NOW] + [t, h["beta2_lion"]])
         self._old = _float64([h_last[k] for k in self._OLD] + [t_last])
+        self.record = bool(record)
 
     def __call__(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Tensor, g_store: Optional[Tensor] = None):
         self.prepare(x, g, states, g_last, g_store)()
@@ -427,12 +440,12 @@ class MadaUpdate(_NativeCall):
     def prepare(self, x: Tensor, g: Tensor, states: Sequence[Tensor], g_last: Tensor,
                 g_store: Optional[Tensor] = None) -> Callable:
         if g_last is None or g_store is not None:
-            raise ValueError("MadaUpdate (rotating): g_last is required and g_store must be None")
+            raise ValueError("MadaUpdate (after a recorded update): g_last is required and g_store must be None")
         tensors = [x, g, g_last, *(states[i] for i in self._order)]
         fn = self._function(tensors)
         if fn is None:
             return self._generic().prepare(x, g, states, g_last, g_store)
-        args = (x.numel(), *(b.data_ptr() for b in tensors), self._old.data_ptr(), self._now.data_ptr())
+        args = (x.numel(), *(b.data_ptr() for b in tensors), self._old.data_ptr(), self._now.data_ptr(), int(self.record))
         return functools.partial(self._run, fn, args, self._threads(), tensors)
 
     def _run(self, fn, args, threads, tensors):

@@ -220,21 +220,24 @@ def _update_problem(n, dtype, seed=0):
 
 
 @needs_kernel
+@pytest.mark.parametrize("record", [True, False], ids=["rotating", "not recording"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_native_rotating_update_equals_the_compiled_and_the_eager_update(dtype):
-    """MADA's rotating update (advance past the recorded update, apply this one, g_prev's buffer takes
-    the new gradient), 70001 elements at 1 and 2 threads: equal to the compiled kernel bit for bit
-    (same operations in the same order) and to its eager definition (``hypergrad.fused._update``)."""
+def test_native_update_after_a_recorded_one_equals_the_compiled_and_the_eager_update(dtype, record):
+    """MADA's update after a recorded one (advance past the recorded update, apply this one; recording,
+    the buffers keep the advanced state and g_prev's buffer takes the new gradient, else they take the
+    state after this update), 70001 elements at 1 and 2 threads: equal to the compiled kernel bit for
+    bit (same operations in the same order) and to its eager definition (``hypergrad.fused._update``)."""
     import hypergrad.fused as HF
 
     family, x, g, g_last, state, h, h_last = _update_problem(70001, dtype)
+    h = {**h, "beta2_lion": torch.tensor(0.97, dtype=torch.float64)}  # (the non-recording update reads it)
     names = family.state_names
     t, t_last = torch.tensor(5.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
     outs = {}
     for label, native, threads in (("compiled", False, None), ("native1", True, 1), ("native2", True, 2)):
         kern = HyperKernels(family, "decoupled", ALL, native=native)
         pre, pre_last = kern.scalars(h, t), kern.scalars(h_last, t_last)
-        fn = kern.update_for(h, t, pre, (h_last, t_last, pre_last), True, rotate=True)
+        fn = kern.update_for(h, t, pre, (h_last, t_last, pre_last), record, rotate=record)
         assert isinstance(fn, N.MadaUpdate) == native
         if native:
             fn.threads = threads
@@ -245,10 +248,15 @@ def test_native_rotating_update_equals_the_compiled_and_the_eager_update(dtype):
     pre, pre_last = HF.HyperKernels(family, "decoupled", ALL).scalars(h, t), HF.HyperKernels(
         family, "decoupled", ALL).scalars(h_last, t_last)
     HF._update(family, "decoupled", names, xs, g, ss, g_last.clone(), None, h, t, pre, (h_last, t_last, pre_last),
-               "g_prev")
+               "g_prev" if record else None)
     eager = [xs, *ss]
     assert not torch.equal(outs["native1"][0], x)
-    assert torch.equal(outs["native1"][1 + names.index("g_prev")], g)  # the new record
+    assert torch.equal(outs["native1"][1 + names.index("g_prev")], g)  # the new record, or the new g_prev
+    advanced = HF.HyperKernels(family, "decoupled", ALL).advance(g_last, [state[k] for k in names], h_last, t_last,
+                                                                 pre_last)
+    m_after = outs["native1"][1 + names.index("m")]
+    gap = ((m_after - advanced["m"]).abs().max() / advanced["m"].abs().max()).item()
+    assert (gap < 1e-5) == record, gap  # recording keeps the advanced state
     for a, b, c, e in zip(outs["compiled"], outs["native1"], outs["native2"], eager):
         assert torch.equal(a, b) and torch.equal(b, c)
         # (float32: the eager ops round their 0-D float64 scalars differently, and a rounding step can
@@ -258,14 +266,16 @@ def test_native_rotating_update_equals_the_compiled_and_the_eager_update(dtype):
 
 @needs_kernel
 def test_native_update_serves_only_the_rotating_decoupled_update():
-    """The first (recording, not rotating) update, L2 weight decay and strided tensors take the compiled
-    kernel; a rotating update without ``g_last`` is an error."""
+    """The first (recording, not rotating) update, one after a recorded one that records into another
+    buffer, L2 weight decay and strided tensors take the compiled kernel; an update after a recorded one
+    without ``g_last`` is an error."""
     family, x, g, g_last, state, h, h_last = _update_problem(4099, torch.float64, seed=1)
     names = family.state_names
     t, t_last = torch.tensor(5.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
     kern = HyperKernels(family, "decoupled", ALL)
     pre, pre_last = kern.scalars(h, t), kern.scalars(h_last, t_last)
     assert not isinstance(kern.update_for(h, t, pre, None, True), N.MadaUpdate)
+    assert not isinstance(kern.update_for(h, t, pre, (h_last, t_last, pre_last), True), N.MadaUpdate)
     assert not isinstance(HyperKernels(family, "l2", ALL).update_for(h, t, pre, (h_last, t_last, pre_last), True,
                                                                      rotate=True), N.MadaUpdate)
     fn = kern.update_for(h, t, pre, (h_last, t_last, pre_last), True, rotate=True)
