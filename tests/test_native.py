@@ -265,7 +265,7 @@ def test_native_update_after_a_recorded_one_equals_the_compiled_and_the_eager_up
 
 
 @needs_kernel
-def test_native_update_serves_only_the_rotating_decoupled_update():
+def test_native_update_serves_only_updates_after_a_recorded_one_with_decoupled_decay():
     """The first (recording, not rotating) update, one after a recorded one that records into another
     buffer, L2 weight decay and strided tensors take the compiled kernel; an update after a recorded one
     without ``g_last`` is an error."""
