@@ -1022,7 +1022,8 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
         del calls["vjp_compiled"]
     if not isinstance(update, MadaUpdate):
         del calls["update_compiled"]
-    floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a, "update_compiled": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
+    floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a,
+              "update_compiled": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
               "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3}
     return calls, floors, S, len(learn)
 

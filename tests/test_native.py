@@ -261,7 +261,8 @@ def test_native_update_after_a_recorded_one_equals_the_compiled_and_the_eager_up
         assert torch.equal(a, b) and torch.equal(b, c)
         # (float32: the eager ops round their 0-D float64 scalars differently, and a rounding step can
         # flip a sign(): a few ulp, here and there more in a tiny v_tilde; float64: exact to rounding)
-        torch.testing.assert_close(b, e, rtol=1e-5 if dtype == torch.float32 else 1e-14, atol=1e-12 if dtype == torch.float32 else 0)
+        rtol, atol = (1e-5, 1e-12) if dtype == torch.float32 else (1e-14, 0.0)
+        torch.testing.assert_close(b, e, rtol=rtol, atol=atol)
 
 
 @needs_kernel
