@@ -159,6 +159,11 @@ class HyperKernels:
         # proximal, which scales it), the update with decoupled decay (update_for)
         self.native = bool(native and mode in ("decoupled", "l2") and native_kernel.is_mada(family))
 
+    def _native_on(self, t: Tensor) -> bool:
+        """Whether this step's kernels may be the native ones: MADA, on the CPU (``t``'s device), where
+        they could be built (on first use)."""
+        return self.native and t.device.type == "cpu" and native_kernel.mada_kernels_available()
+
     def _partial_kernel(self, fixed_names: Tuple[str, ...]) -> TensorKernel:
         key = ("partial", fixed_names)
         kern = self._kernels.get(key)
@@ -213,8 +218,7 @@ class HyperKernels:
             bound = self._partial_kernel(tuple(fixed)).bind(*fixed.values(), t)
             return _Arranged(bound, lambda g_old, old_states, cotangent, q: (g_old, *old_states, cotangent, q))
 
-        # (built on first use; tensors elsewhere, strided ones, go to generic())
-        if self.native and t.device.type == "cpu" and native_kernel.mada_kernels_available():
+        if self._native_on(t):  # (strided tensors go to generic() call by call)
             return native_kernel.MadaPartial(self.names, self.learn, fixed, t, generic)
         return generic()
 
@@ -267,8 +271,7 @@ class HyperKernels:
 
         # MADA's update after a recorded one with decoupled decay has a native CPU kernel: rotating (every
         # step after the first when every step learns), or not recording (a learning step of hyper_interval > 1)
-        if ((rotate or (last is not None and not record)) and self.native and self.mode == "decoupled"
-                and t.device.type == "cpu" and native_kernel.mada_kernels_available()):
+        if (rotate or (last is not None and not record)) and self.mode == "decoupled" and self._native_on(t):
             return native_kernel.MadaUpdate(self.names, h, t, last[0], last[1], record, generic)
         return generic()
 
