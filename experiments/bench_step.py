@@ -951,6 +951,52 @@ def _one_pass(family_, mode, names, learn, fixed_names, h_names, pre_ids):
     return one_pass
 
 
+def _vjp_bound(res: Dict[str, dict]) -> str:
+    """What bounds the vjp kernel, from table (g): its arithmetic alone (in cache) against its traffic
+    alone (vjp_io, measured) and against the bytes model's floor."""
+    vjp = res["vjp"]
+    text = f" The vjp kernel's arithmetic alone is {vjp['arith_ratio']:.2f}x"
+    io = res.get("vjp_io")
+    if io is None:
+        return text + (f", against its {vjp['floor_ratio']:.2f}x floor of bytes: "
+                       + ("it is bound by its arithmetic." if vjp["arith_ratio"] > vjp["floor_ratio"]
+                          else "its bytes weigh more than its arithmetic."))
+    ratio = vjp["arith_ratio"] / io["ratio_to_fused"]
+    verdict = ("its arithmetic and its reads bound it about equally" if 0.8 <= ratio <= 1.25 else
+               "it is bound by its arithmetic" if ratio > 1.25 else "it is bound by its reads")
+    return (text + f" and its memory traffic alone (vjp_io) {io['ratio_to_fused']:.2f}x, where the bytes model's "
+            f"floor says {vjp['floor_ratio']:.2f}x: {verdict} (the kernel: {vjp['ratio_to_fused']:.2f}x).")
+
+
+def _reads_paragraph(res: Dict[str, dict], S: int) -> Optional[str]:
+    """Table (g)'s floors counted in buffers *read*, with the cost per buffer that the traffic-only
+    kernels measured: vjp_io reads S + 2 buffers and writes none, rule_io reads the same S + 2 and
+    writes S + 1 back. (None without those rows.)"""
+    if "vjp_io" not in res or "rule_io" not in res:
+        return None
+    vjp_io, rule_io, adamw = res["vjp_io"]["median_ms"], res["rule_io"]["median_ms"], res[FUSED]["median_ms"]
+    per_read = vjp_io / (S + 2)
+    write_share = (rule_io - vjp_io) / (S + 1) / per_read  # a buffer written back, in buffers read
+    measured = (f"rule_io, which reads the same S + 2 = {S + 2} buffers as vjp_io and writes S + 1 = {S + 1} of them "
+                f"back, costs {rule_io / vjp_io:.2f}x vjp_io: a buffer written back after it was read costs "
+                f"{max(write_share, 0.0):.2f} of one read")
+    if write_share >= 0.5:
+        return f"Reads and writes: {measured}, so the bytes model above, which counts a write as a read, holds here."
+    least = 2 * S + 4
+    this = (S + 2) + (S + 3)
+    return (f"Writes cost little on this machine: {measured}. (Presumably with few cores streaming, how many reads a "
+            f"core keeps in flight sets the rate, not the memory's bandwidth.) The bytes model above counts a write as "
+            f"a read, so for a kernel that only reads (the vjp) its *floor x* and its *efficiency* come out too low. "
+            f"Counted in buffers read: fused AdamW reads 4 (p, g, m, v); the fixed MADA rule S + 2 = {S + 2}, "
+            f"{(S + 2) / 4:.2f}x; any exact hyper-learning step at least 2S + 4 = {least} (the reduction reads the new "
+            f"gradient, the state before the last update and its gradient; the update reads the parameters, the new "
+            f"gradient and the state, if the reduction wrote the advanced state back), {least / 4:.2f}x at fused "
+            f"AdamW's own time per buffer read and {least * per_read / adamw:.2f}x at vjp_io's "
+            f"({per_read:.2f} ms per buffer). This scheme reads {this} (its update reads the recorded gradient again "
+            f"to advance the state), {this * per_read / adamw:.2f}x at vjp_io's rate, and its two kernels took "
+            f"{res['vjp']['ratio_to_fused'] + res['update']['ratio_to_fused']:.2f}x.")
+
+
 def _kernel_calls(numel: int, device: torch.device, seed: int = 0
                   ) -> Tuple[Dict[str, object], Dict[str, int], int, int]:
     """The calls of ``kernel_table`` on tensors of ``numel`` elements: ``(calls, floors B/p, S, reductions)``."""
@@ -1950,10 +1996,7 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
               + (f"above the {TARGET_HYPER}x target by itself, even if no byte had to come from memory and no call "
                  "cost anything." if arith > TARGET_HYPER else
                  f"within the {TARGET_HYPER}x target; traffic and per-call costs come on top.")
-              + f" The vjp kernel's arithmetic alone is {res['vjp']['arith_ratio']:.2f}x, against its "
-              f"{res['vjp']['floor_ratio']:.2f}x floor of bytes: "
-              + ("it is bound by its arithmetic." if res["vjp"]["arith_ratio"] > res["vjp"]["floor_ratio"]
-                 else "its bytes weigh more than its arithmetic."))
+              + _vjp_bound(res))
             w("")
         vj, up = res["vjp"], res["update"]
         w(f"The two kernels of a step together: {vj['ratio_to_fused'] + up['ratio_to_fused']:.2f}x fused AdamW "
@@ -1998,6 +2041,10 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
              if least_x > TARGET_HYPER else
              f": within the {TARGET_HYPER}x target only for a scheme with that least traffic, every kernel at that "
              f"rate, and nothing else (no arithmetic cost, no per-call overhead)."))
+        reads = _reads_paragraph(res, S)
+        if reads:
+            w("")
+            w(reads)
         w("")
         one = res.get("one_pass")
         if one is not None:

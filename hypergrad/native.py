@@ -39,7 +39,8 @@ leaves the factors common to all elements (``-lr gamma``, ``1/(2 bc2)``...) out 
 about half the instructions. Measured side by side with fused AdamW and with the compiled kernels
 they replace in docs/performance.md, table (g) (``python -m experiments.bench_step --all``); on the
 2-core AMD EPYC VM, one thread, 10.5M float32 elements, the vjp took about 60% of the compiled one's
-time and the update about 80%.
+time and the update about 80%; the vjp then cost about what a loop with its reads and next to no
+arithmetic costs (table g's *vjp_io*), so less arithmetic would gain little there.
 
 Precision: the update computes every quantity in the order of the DSL's expression (the one-minus
 coefficients and other scalars in float64, then rounded to the tensors' dtype, as the compiled
@@ -55,6 +56,11 @@ a cache directory (``HYPERGRAD_CACHE_DIR``, else ``<tmp>/hypergrad-<uid>``; it m
 and be writable by no one else, since the library is loaded from it), keyed by the source,
 the flags, the compiler and the CPU (``-march=native``). Without a compiler, or if the build fails,
 a warning is logged once and the fused path uses the compiled kernels.
+
+Threads after ``fork``: the kernels run in the OpenMP runtime that torch has loaded (its libgomp),
+so a forked child behaves as with torch's own parallel ops. A child that uses several threads after
+the parent did hangs in torch's ops and in these alike (GNU OpenMP's thread pool does not survive
+``fork``); with ``torch.set_num_threads(1)`` in the child, as DataLoader workers have, both run.
 """
 from __future__ import annotations
 

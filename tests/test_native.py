@@ -86,6 +86,46 @@ def test_native_kernel_equals_torch_func_vjp_in_float64(point, threads):
 
 
 @needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_with_one_thread_runs_the_kernel_after_the_parent_used_two():
+    """The module docstring's claim about fork: after the parent ran the kernel with two OpenMP
+    threads, a child with ``torch.set_num_threads(1)`` (what DataLoader workers set) runs it and gets
+    the parent's single-thread result bit for bit. (A child that uses several threads hangs, in torch's
+    own parallel ops as in these: not tested.)"""
+    family, g_old, state, cot, coefs, fixed, t = _problem(70001)
+    q = torch.stack([coefs[k] for k in ALL])
+    args = (g_old, [state[k] for k in family.state_names], cot, q)
+    fn = _kernel(family, ALL, coefs, fixed, t, threads=2)
+    fn(*args)  # the parent's OpenMP pool now has two threads
+    fn.threads = None  # torch's thread count at the call
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = fn(*args)[0]
+    finally:
+        torch.set_num_threads(torch_threads)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            import signal
+            signal.alarm(60)  # a hang ends the child, and the parent sees it
+            torch.set_num_threads(1)
+            os.write(write, fn(*args)[0].numpy().tobytes())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+    got = torch.frombuffer(bytearray(data), dtype=torch.float64)
+    assert torch.equal(got, expected)
+
+
+@needs_kernel
 def test_native_kernel_learning_a_subset_returns_it_in_the_order_of_learn():
     family, g_old, state, cot, coefs, fixed, t = _problem(5003, seed=1)
     learn = ("gamma", "beta2", "c")
