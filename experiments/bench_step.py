@@ -978,8 +978,9 @@ def _reads_paragraph(res: Dict[str, dict], S: int) -> Optional[str]:
     per_read = vjp_io / (S + 2)
     write_share = (rule_io - vjp_io) / (S + 1) / per_read  # a buffer written back, in buffers read
     measured = (f"rule_io, which reads the same S + 2 = {S + 2} buffers as vjp_io and writes S + 1 = {S + 1} of them "
-                f"back, costs {rule_io / vjp_io:.2f}x vjp_io: a buffer written back after it was read costs "
-                f"{max(write_share, 0.0):.2f} of one read")
+                f"back, costs {rule_io / vjp_io:.2f}x vjp_io: "
+                + ("writing a buffer back after reading it cost nothing measurable" if write_share < 0.05 else
+                   f"a buffer written back after it was read cost {write_share:.2f} of one read"))
     if write_share >= 0.5:
         return f"Reads and writes: {measured}, so the bytes model above, which counts a write as a read, holds here."
     least = 2 * S + 4

@@ -149,6 +149,28 @@ def test_bench_step_kernel_table():
         bench_step.in_cache_ns([20480, 4096], 2, 2, torch.device("cpu"), progress=False)
 
 
+def test_kernel_table_reads_floor_and_vjp_bound_text():
+    """(g)'s text from measured rows: the floors counted in buffers read, at fused AdamW's time per buffer
+    read (4) and at vjp_io's (its time over its S + 2 reads); the bytes model kept where writes cost."""
+    def rows(rule_io_ms):
+        ms = {bench_step.FUSED: 4.0, "vjp": 17.0, "update": 20.0, "vjp_io": 16.0, "rule_io": rule_io_ms}
+        return {n: {"median_ms": v, "ratio_to_fused": v / 4.0, "arith_ratio": 4.5 if n == "vjp" else 1.0,
+                    "floor_ratio": 8 / 7} for n, v in ms.items()}
+    text = bench_step._reads_paragraph(rows(16.8), 6)  # per read 2 ms; 7 writes back 0.8 ms: 0.06 of a read
+    assert "costs 1.05x vjp_io" in text and "cost 0.06 of one read" in text
+    assert "2S + 4 = 16" in text and "4.00x at fused AdamW's own time per buffer read" in text
+    assert "8.00x at vjp_io's (2.00 ms per buffer)" in text and "This scheme reads 17" in text and "8.50x" in text
+    assert "nothing measurable" in bench_step._reads_paragraph(rows(15.0), 6)
+    assert "holds here" in bench_step._reads_paragraph(rows(30.0), 6)  # writes cost a read each: no reads floor
+    assert bench_step._reads_paragraph({n: r for n, r in rows(16.8).items() if n != "rule_io"}, 6) is None
+    r = rows(16.8)
+    assert "bound it about equally" in bench_step._vjp_bound(r)  # 4.5 against 4.0
+    r["vjp"]["arith_ratio"] = 6.0
+    assert "it is bound by its arithmetic (the kernel: 4.25x)" in bench_step._vjp_bound(r)
+    r["vjp"]["arith_ratio"] = 2.0
+    assert "it is bound by its reads" in bench_step._vjp_bound(r)
+
+
 def test_one_pass_what_if_kernel_computes_the_two_kernels_results():
     """(g)'s one_pass kernel, in float64: its partial hypergradient is the vjp kernel's, its x the update
     kernel's, and the state it writes out of place the state after the recorded update (``advance``)."""
