@@ -998,6 +998,26 @@ def _reads_paragraph(res: Dict[str, dict], S: int) -> Optional[str]:
             f"{res['vjp']['ratio_to_fused'] + res['update']['ratio_to_fused']:.2f}x.")
 
 
+def _c_floor_paragraph(res: Dict[str, dict], S: int) -> Optional[str]:
+    """Table (g)'s floors measured, not counted: the plain-C loops with the least traffic of an exact hyper
+    step (c_hyper_io) and of the fixed rule (c_rule_io), against the targets. (None without those rows.)"""
+    if "c_hyper_io" not in res or "c_rule_io" not in res:
+        return None
+    hyper, rule = res["c_hyper_io"]["ratio_to_fused"], res["c_rule_io"]["ratio_to_fused"]
+    adamw = res.get("c_adamw", {}).get("ratio_to_fused")
+
+    def against(x, target):
+        return f"above the {target}x target" if x > target else f"within the {target}x target"
+    return (f"Measured in plain C with next to no arithmetic: the least traffic of any exact hyper-learning step "
+            f"(c_hyper_io: {2 * S + 4} buffers read, {S + 1} written) costs {hyper:.2f}x fused AdamW, "
+            f"{against(hyper, TARGET_HYPER)}; the fixed MADA rule's traffic (c_rule_io: {S + 2} read, {S + 1} written) "
+            f"{rule:.2f}x, {against(rule, TARGET_RULE)}"
+            + (f"; AdamW's own update written the same way (c_adamw) {adamw:.2f}x" if adamw is not None else "")
+            + (": no implementation of the exact algorithms gets under the targets on this machine, however its "
+               "loops are written; their memory traffic alone costs more."
+               if hyper > TARGET_HYPER and rule > TARGET_RULE else "."))
+
+
 def _kernel_calls(numel: int, device: torch.device, seed: int = 0
                   ) -> Tuple[Dict[str, object], Dict[str, int], int, int]:
     """The calls of ``kernel_table`` on tensors of ``numel`` elements: ``(calls, floors B/p, S, reductions)``."""
@@ -1065,14 +1085,36 @@ def _kernel_calls(numel: int, device: torch.device, seed: int = 0
              "update_io": _Call(lambda: update_io(x_io, g, g_last, *io_states)),
              "rule_io": _Call(lambda: rule_io(x_io_rule, g, *io_rule_states))}
     a = fused_rotation(fam)
+    floors_c = {}
+    loops = _traffic_loops(S) if device.type == "cpu" else None
+    if loops is not None:  # the same traffic in plain C (experiments.traffic): the least a loop costs for it
+        x_c, m_c, v_c = x.clone(), placed(torch.zeros(numel), 1), placed(torch.zeros(numel), 2)
+        c_states, x_c_rule, x_c_hyper = [placed(b, k + 1) for k, b in enumerate(states)], x.clone(), x.clone()
+        calls.update({"c_adamw": _Call(lambda: loops.adamw(x_c, g, m_c, v_c, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8,
+                                                           weight_decay=WEIGHT_DECAY, step=5)),
+                      "c_vjp_io": _Call(lambda: loops.vjp_io(g, g_last, c_states)),
+                      "c_rule_io": _Call(lambda: loops.rule_io(x_c_rule, g, c_states)),
+                      "c_hyper_io": _Call(lambda: loops.hyper_io(x_c_hyper, g, g_last, c_states))})
+        floors_c = {"c_adamw": 7, "c_vjp_io": S + 2, "c_rule_io": 2 * S + 3, "c_hyper_io": 3 * S + 5}
     if not isinstance(vjp, MadaPartial):  # no native kernel here: the two rows would be the same kernel
         del calls["vjp_compiled"]
     if not isinstance(update, MadaUpdate):
         del calls["update_compiled"]
     floors = {FUSED: 7, "vjp": S + 2, "vjp_compiled": S + 2, "update": 2 * S + 5 - a,
               "update_compiled": 2 * S + 5 - a, "rule": 2 * S + 3, "one_pass": 2 * S + 5,
-              "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3}
+              "vjp_io": S + 2, "update_io": 2 * S + 5 - a, "rule_io": 2 * S + 3, **floors_c}
     return calls, floors, S, len(learn)
+
+
+@functools.lru_cache(maxsize=None)
+def _traffic_loops(S: int):
+    """``experiments.traffic.TrafficLoops(S)``, or None (logged once) where they cannot be built."""
+    from experiments.traffic import TrafficLoops
+    try:
+        return TrafficLoops(S)
+    except RuntimeError as exc:
+        log.warning("table (g): no plain-C traffic rows (%s)", exc)
+        return None
 
 
 def kernel_table(numel: int, steps: int, warmup: int, device: torch.device, seed: int = 0,
@@ -1308,6 +1350,10 @@ def verdicts(report: dict) -> List[dict]:
     if "arith_ratio" in io.get("vjp", {}):
         hyper_io += f"; its arithmetic alone (g): {io['vjp']['arith_ratio'] + io['update']['arith_ratio']:.2f}x"
     rule_io = f"; mada's traffic alone (g): {io['rule_io']['ratio_to_fused']:.2f}x" if "rule_io" in io else ""
+    if "c_hyper_io" in io:  # the least traffic of the algorithm, in plain C
+        hyper_io += f"; least traffic of any exact hyper step, plain C (g): {io['c_hyper_io']['ratio_to_fused']:.2f}x"
+    if "c_rule_io" in io:
+        rule_io += f"; in plain C (g): {io['c_rule_io']['ratio_to_fused']:.2f}x"
     for model, tab in steps.items():
         res = tab["results"]
         hyper = [n for n in (HYPER_MAIN, "mada_hyper") if n in res]
@@ -1969,7 +2015,12 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
           "its arithmetic, or its loop reads more streams than this machine serves at fused AdamW's rate. "
           "*vjp_io*, *update_io*, *rule_io*: kernels compiled the same way with the same reads, writes and "
           f"reductions ({kt.get('reductions', '?')}: one per learned coefficient) and next to no arithmetic, "
-          "the cost of the memory traffic alone on this machine." + (
+          "the cost of the memory traffic alone on this machine."
+          + (" *c_adamw*, *c_vjp_io*, *c_rule_io*, *c_hyper_io*: plain C loops (experiments.traffic, -O3 "
+             "-march=native, OpenMP at torch's thread count): AdamW's own update, checked against torch.optim.AdamW, "
+             "and the traffic of vjp_io and rule_io with the fewest instructions a compiler makes of it; "
+             "*c_hyper_io* runs the two back to back, the least traffic of any exact hyper step (2S + 4 read, "
+             "S + 1 written)." if "c_hyper_io" in kt["results"] else "") + (
               f" *in-cache ns/el*: the same kernel on tensors of {kt['in_cache_sizes'][0]} and "
               f"{kt['in_cache_sizes'][1]} elements (every buffer in a core's L2 cache), {kt['in_cache_calls']} "
               f"calls back to back per reading, {kt.get('in_cache_rounds', kt['steps'])} interleaved rounds; the "
@@ -2046,6 +2097,10 @@ def write_doc(report: dict, path: Path, gpu: Optional[dict] = None, gpu_diag: Op
         if reads:
             w("")
             w(reads)
+        c_floor = _c_floor_paragraph(res, S)
+        if c_floor:
+            w("")
+            w(c_floor)
         w("")
         one = res.get("one_pass")
         if one is not None:

@@ -83,7 +83,7 @@ from optimizers import Family
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mada_kernels_available", "is_mada", "MadaPartial", "MadaUpdate", "MADA_COEFFICIENTS"]
+__all__ = ["mada_kernels_available", "is_mada", "MadaPartial", "MadaUpdate", "MADA_COEFFICIENTS", "build_library"]
 
 # The order of the kernel's outputs (and of q in it): the six learnable coefficients of rules.mada.
 MADA_COEFFICIENTS = ("beta1", "beta2", "beta3", "c", "rho", "gamma")
@@ -259,30 +259,40 @@ def _cpu_identity() -> str:
     return "\n".join([platform.machine(), platform.processor(), *lines])
 
 
-def _build() -> ctypes.CDLL:
+def build_library(source: str, stem: str, flags: Sequence[str] = _FLAGS) -> ctypes.CDLL:
+    """Compile C ``source`` into a shared library and load it (ctypes), or load the one built before.
+
+    The library is cached in ``HYPERGRAD_CACHE_DIR`` (else ``<tmp>/hypergrad-<uid>``) under
+    ``<stem>_<key>.so``, keyed by the source, the flags, the compiler's version and the CPU (for
+    ``-march=native``). The directory must belong to this user and be writable by no one else (a
+    library is loaded from it: another user able to write there could plant one). Raises
+    ``RuntimeError`` without a compiler, for such a directory, or if the build fails."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\0".join([source, " ".join(flags), version, _cpu_identity()]).encode()).hexdigest()[:24]
     cache = os.environ.get("HYPERGRAD_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"hypergrad-{os.getuid()}")
     os.makedirs(cache, mode=0o700, exist_ok=True)
-    # A library is loaded from here: another user able to write into the directory could plant one.
     info = os.stat(cache)
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise RuntimeError(f"the cache directory {cache} must belong to this user and be writable by no one else "
                            f"(owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}); set HYPERGRAD_CACHE_DIR")
-    path = os.path.join(cache, f"mada_kernels_{key}.so")
+    path = os.path.join(cache, f"{stem}_{key}.so")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, lib = os.path.join(tmp, "mada_kernels.c"), os.path.join(tmp, "mada_kernels.so")
+            src, lib = os.path.join(tmp, f"{stem}.c"), os.path.join(tmp, f"{stem}.so")
             with open(src, "w") as f:
-                f.write(_SOURCE)
-            done = subprocess.run([cc, *_FLAGS, src, "-o", lib, "-lm"], capture_output=True, text=True)
+                f.write(source)
+            done = subprocess.run([cc, *flags, src, "-o", lib, "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
             os.replace(lib, path)  # atomic: a concurrent process sees the whole library or none
-    library = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+def _build() -> ctypes.CDLL:
+    library = build_library(_SOURCE, "mada_kernels")
     for suffix in ("f32", "f64"):  # (n, the buffers..., the scalars..., threads)
         for name, pointers, ints in (("mada_partial", 10, 1), ("mada_update", 11, 2)):
             fn = getattr(library, f"{name}_{suffix}")

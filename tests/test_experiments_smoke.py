@@ -131,14 +131,16 @@ def test_bench_step_kernel_table():
     from hypergrad.native import mada_kernels_available
     # with the native MADA kernels (where they could be built), also the compiled ones they replace
     native = {"vjp_compiled", "update_compiled"} if mada_kernels_available() else set()
+    # with a C compiler, the plain-C traffic loops (experiments.traffic)
+    c_floors = {"c_adamw": 7, "c_vjp_io": 8, "c_rule_io": 15, "c_hyper_io": 23} if bench_step._traffic_loops(6) else {}
     assert set(tab["results"]) == {"torch_adamw_fused", "vjp", "update", "rule", "one_pass", "vjp_io", "update_io",
-                                   "rule_io"} | native
+                                   "rule_io"} | native | set(c_floors)
     assert tab["states"] == 6 and tab["reductions"] == 6
     floors = {n: r["floor_bytes"] for n, r in tab["results"].items()}
     # the update as the library runs MADA's: the new record rotates into g_prev's buffer (2S + 4)
     assert floors == {"torch_adamw_fused": 7, "vjp": 8, "update": 16, "rule": 15, "one_pass": 17,
                       "vjp_io": 8, "update_io": 16, "rule_io": 15,
-                      **{n: {"vjp_compiled": 8, "update_compiled": 16}[n] for n in native}}
+                      **{n: {"vjp_compiled": 8, "update_compiled": 16}[n] for n in native}, **c_floors}
     for r in tab["results"].values():
         assert r["n"] == 2 and r["median_ms"] > 0 and math.isfinite(r["floor_efficiency"])
     for name, r in tab["results"].items():  # the arithmetic, in cache (not through FusedKernel's step API)
@@ -169,6 +171,29 @@ def test_kernel_table_reads_floor_and_vjp_bound_text():
     assert "it is bound by its arithmetic (the kernel: 4.25x)" in bench_step._vjp_bound(r)
     r["vjp"]["arith_ratio"] = 2.0
     assert "it is bound by its reads" in bench_step._vjp_bound(r)
+
+
+def test_kernel_table_plain_c_floor_text():
+    """(g)'s measured floors: the plain-C rows against the targets, and the verdicts' notes that cite them."""
+    def rows(hyper, rule):
+        ms = {bench_step.FUSED: 4.0, "c_adamw": 3.8, "c_hyper_io": 4.0 * hyper, "c_rule_io": 4.0 * rule}
+        return {n: {"median_ms": v, "ratio_to_fused": v / 4.0} for n, v in ms.items()}
+    text = bench_step._c_floor_paragraph(rows(4.0, 2.1), 6)
+    assert "(c_hyper_io: 16 buffers read, 7 written) costs 4.00x fused AdamW, above the 2.5x target" in text
+    assert "(c_rule_io: 8 read, 7 written) 2.10x, above the 2.0x target" in text
+    assert "(c_adamw) 0.95x" in text and "no implementation of the exact algorithms gets under the targets" in text
+    text = bench_step._c_floor_paragraph(rows(4.0, 1.9), 6)
+    assert "1.90x, within the 2.0x target" in text and "no implementation" not in text
+    assert bench_step._c_floor_paragraph({n: r for n, r in rows(4.0, 2.1).items() if n != "c_hyper_io"}, 6) is None
+    res = rows(4.0, 2.1)
+    res.update({n: {"ratio_to_fused": 1.0} for n in ("vjp_io", "update_io", "rule_io")})
+    step = {bench_step.HYPER_MAIN: {"ratio_to_fused": 5.0, "floor_ratio": 3.4},
+            "mada_fused": {"ratio_to_fused": 2.3, "floor_ratio": 2.1}}
+    notes = {v["target"]: v["note"] for v in bench_step.verdicts({"kernels": {"results": res},
+                                                                   "step": {"m": {"results": step}}})}
+    assert "least traffic of any exact hyper step, plain C (g): 4.00x" in notes["hyper MADA step <= 2.5x fused AdamW (m)"]
+    rule_note = next(n for t, n in notes.items() if t.startswith("MADA (hyper off)"))
+    assert "in plain C (g): 2.10x" in rule_note
 
 
 def test_one_pass_what_if_kernel_computes_the_two_kernels_results():
