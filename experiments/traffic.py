@@ -116,15 +116,12 @@ void hyper_io(int64_t N, float* restrict x, const float* restrict g, const float
 """
 
 
-# -fno-math-errno: a vectorized sqrt; -ffp-contract=off: no fused multiply-adds (each operation rounds
-# as torch's elementwise ops do, so ``adamw`` can be checked against torch.optim.AdamW)
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-std=gnu11", "-fPIC", "-shared")
-
-
 @functools.lru_cache(maxsize=None)
 def _library(S: int) -> ctypes.CDLL:
     from hypergrad.native import build_library
-    lib = build_library(_source(S), f"traffic_s{S}", _FLAGS)
+    # the MADA kernels' flags: among them -ffp-contract=off, no fused multiply-adds (each operation rounds
+    # as torch's elementwise ops do, so ``adamw`` can be checked against torch.optim.AdamW)
+    lib = build_library(_source(S), f"traffic_s{S}")
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, pointers in (("adamw", 5), ("vjp_io", S + 3), ("rule_io", S + 2), ("hyper_io", S + 4)):
         fn = getattr(lib, name)
